@@ -447,21 +447,25 @@ def _sinkhorn(x, y, a, b, eps, f0, g0, *, tol, max_iter, chunk_size):
   xs, ys, las, lbs = sg(x), sg(y), sg(la), sg(lb)
   eps_s = sg(eps)
 
+  smin_x = lambda gh: softmin(xs, ys, lbs + gh / eps_s, eps_s, chunk_size)  # next f̂ from ĝ
+  smin_y = lambda fh: softmin(ys, xs, las + fh / eps_s, eps_s, chunk_size)  # next ĝ from f̂
+
+  # The carry holds (f̂, ĝ), the f-update f̃ that ĝ implies, and the row violation of the plan
+  # (f̂, ĝ) measured with it, so the loop stops on the potentials it returns.
   def cond(c):
-    k, _, _, viol = c
+    k, _, _, _, viol = c
     return (k < max_iter) & (viol > tol)
 
   def body(c):
-    k, fh, gh, _ = c
-    fh_new = softmin(xs, ys, lbs + gh / eps_s, eps_s, chunk_size)
-    viol = _mass_violation(las, fh, fh_new, eps_s)
-    gh_new = softmin(ys, xs, las + fh_new / eps_s, eps_s, chunk_size)
-    return k + 1, fh_new, gh_new, viol
+    k, _, _, f_next, _ = c
+    gh = smin_y(f_next)
+    f_after = smin_x(gh)
+    return k + 1, f_next, gh, f_after, _mass_violation(las, f_next, f_after, eps_s)
 
   fh0, gh0 = sg(f0) - hx2, sg(g0) - hy2
-  # With a warm start the initial potentials may already be converged: measure first.
-  viol0 = _mass_violation(las, fh0, softmin(xs, ys, lbs + gh0 / eps_s, eps_s, chunk_size), eps_s)
-  k, fh, gh, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), fh0, gh0, viol0))
+  f_next0 = smin_x(gh0)
+  viol0 = _mass_violation(las, fh0, f_next0, eps_s)
+  k, fh, gh, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), fh0, gh0, f_next0, viol0))
   fh, gh = sg(fh), sg(gh)
 
   # Row marginal and transport cost of the plan (fh, gh), without forming it.

@@ -1,0 +1,248 @@
+"""Encoders and decoders of the Global Sinkhorn Autoencoder experiments (Flax Linen).
+
+Two architectures, as in the GSAE paper (Csiszárik et al., 2024, §5) and fixed in SPEC §4:
+
+* "mlp": encoder 784 → 256 → 256 → 256 → z (ReLU, linear output); decoder
+  z → 256 → 256 → 256 → 784 with a sigmoid output.
+* "lenet": a LeNet-5 encoder (conv 6@5×5 same → ReLU → maxpool 2 → conv 16@5×5 valid → ReLU →
+  maxpool 2 → 400 → 120 → 84 → z) and a mirrored decoder with nearest-neighbour upsampling
+  and transposed convolutions, sigmoid output.
+
+Images are `[b, 28, 28, 1]` with pixels in [0, 1]; latents are `[b, z]`. Every Dense, Conv and
+ConvTranspose kernel is He-normal (fan-in, untruncated) and every bias is zero.
+
+Linen is used functionally: `Autoencoder.encode(params, x)` is `module.apply({"params":
+params}, x)`, a pure function of arrays that training code can `jax.vjp` and `lax.map` over
+chunks without any module state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+IMAGE_SHAPE = (28, 28, 1)
+"""Shape of one image, height × width × channels."""
+
+ARCHS = ("mlp", "lenet")
+"""Architectures accepted by `make_autoencoder`."""
+
+HIDDEN = 256
+"""Width of the MLP hidden layers."""
+
+Params = Any
+"""A pytree of parameters (the content of a Linen `variables["params"]`)."""
+
+
+def kernel_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+  """He-normal initializer (He et al., 2015): fan-in, untruncated.
+
+  Draws i.i.d. `N(0, 2 / fan_in)` with `fan_in = prod(shape[:-1])` (Flax kernels are laid out
+  `[..., in, out]`, ConvTranspose included, so this is receptive field × input channels).
+  It returns exactly the numbers of `jax.nn.initializers.variance_scaling(2.0, "fan_in",
+  "normal")` (`jax.nn.initializers.he_normal` is truncated, so not that), but draws them as a
+  flat vector and reshapes: with jax's default partitionable threefry, XLA:CPU compiles a 4-D
+  normal draw ~7× slower (3.5 s against 0.5 s measured for a 5×5×16×6 kernel).
+
+  Args:
+    key: a `jax.random` key.
+    shape: kernel shape, `[..., in, out]`.
+    dtype: float dtype of the kernel.
+
+  Returns:
+    The kernel, an array of `shape`.
+  """
+  fan_in = math.prod(shape[:-1])
+  std = jnp.sqrt(jnp.array(2.0 / fan_in, dtype))
+  return jax.random.normal(key, (math.prod(shape),), dtype).reshape(shape) * std
+
+
+bias_init = jax.nn.initializers.zeros
+
+
+def _dense(features: int, name: str | None = None) -> nn.Dense:
+  return nn.Dense(features, kernel_init=kernel_init, bias_init=bias_init, name=name)
+
+
+def _check_images(x: jax.Array) -> None:
+  if x.ndim != 4 or tuple(x.shape[1:]) != IMAGE_SHAPE:
+    raise ValueError(f"images must be [b, 28, 28, 1], got shape {tuple(x.shape)}")
+
+
+def _check_latents(z: jax.Array, latent_dim: int) -> None:
+  if z.ndim != 2 or z.shape[1] != latent_dim:
+    raise ValueError(f"latents must be [b, {latent_dim}], got shape {tuple(z.shape)}")
+
+
+def _upsample2(x: jax.Array) -> jax.Array:
+  """Nearest-neighbour ×2 upsampling of `[b, h, w, c]` to `[b, 2h, 2w, c]`."""
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+class MLPEncoder(nn.Module):
+  """MLP encoder 784 → 256 → 256 → 256 → latent_dim, ReLU, linear output.
+
+  Call on `[b, 28, 28, 1]` images (flattened inside); returns `[b, latent_dim]` latents.
+  """
+
+  latent_dim: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    _check_images(x)
+    h = x.reshape(x.shape[0], -1)
+    for _ in range(3):
+      h = nn.relu(_dense(HIDDEN)(h))
+    return _dense(self.latent_dim)(h)
+
+
+class MLPDecoder(nn.Module):
+  """MLP decoder latent_dim → 256 → 256 → 256 → 784, ReLU, sigmoid output.
+
+  Call on `[b, latent_dim]` latents; returns `[b, 28, 28, 1]` images in (0, 1).
+  """
+
+  latent_dim: int
+
+  @nn.compact
+  def __call__(self, z: jax.Array) -> jax.Array:
+    _check_latents(z, self.latent_dim)
+    h = z
+    for _ in range(3):
+      h = nn.relu(_dense(HIDDEN)(h))
+    h = _dense(28 * 28)(h)
+    return nn.sigmoid(h).reshape(z.shape[0], *IMAGE_SHAPE)
+
+
+class LeNetEncoder(nn.Module):
+  """LeNet-5 encoder.
+
+  conv 6@5×5 same (28×28×6) → ReLU → maxpool 2 (14×14×6) → conv 16@5×5 valid (10×10×16) →
+  ReLU → maxpool 2 (5×5×16) → flatten 400 → 120 → 84 → latent_dim, ReLU between the dense
+  layers, linear output. Call on `[b, 28, 28, 1]`; returns `[b, latent_dim]`.
+  """
+
+  latent_dim: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    _check_images(x)
+    conv = lambda f, pad: nn.Conv(
+      f, (5, 5), padding=pad, kernel_init=kernel_init, bias_init=bias_init
+    )
+    h = nn.max_pool(nn.relu(conv(6, "SAME")(x)), (2, 2), strides=(2, 2))
+    h = nn.max_pool(nn.relu(conv(16, "VALID")(h)), (2, 2), strides=(2, 2))
+    h = h.reshape(h.shape[0], -1)
+    h = nn.relu(_dense(120)(h))
+    h = nn.relu(_dense(84)(h))
+    return _dense(self.latent_dim)(h)
+
+
+class LeNetDecoder(nn.Module):
+  """LeNet-5 decoder, the encoder mirrored.
+
+  latent_dim → 84 → 120 → 400 (ReLU between) → reshape 5×5×16 → nearest upsample ×2
+  (10×10) → ReLU → transposed conv 16→6 5×5 valid (14×14) → nearest upsample ×2 (28×28) →
+  ReLU → transposed conv 6→1 5×5 same (28×28×1) → sigmoid. Call on `[b, latent_dim]`;
+  returns `[b, 28, 28, 1]` images in (0, 1).
+  """
+
+  latent_dim: int
+
+  @nn.compact
+  def __call__(self, z: jax.Array) -> jax.Array:
+    _check_latents(z, self.latent_dim)
+    deconv = lambda f, pad: nn.ConvTranspose(
+      f, (5, 5), padding=pad, kernel_init=kernel_init, bias_init=bias_init
+    )
+    h = nn.relu(_dense(84)(z))
+    h = nn.relu(_dense(120)(h))
+    h = _dense(400)(h).reshape(z.shape[0], 5, 5, 16)
+    h = deconv(6, "VALID")(nn.relu(_upsample2(h)))
+    h = deconv(1, "SAME")(nn.relu(_upsample2(h)))
+    return nn.sigmoid(h)
+
+
+_MODULES = {"mlp": (MLPEncoder, MLPDecoder), "lenet": (LeNetEncoder, LeNetDecoder)}
+
+
+class Autoencoder(NamedTuple):
+  """An encoder/decoder pair with pure, functional `init`, `encode` and `decode`.
+
+  Unpacks as `(encoder, decoder)`. The parameter pytree is
+  `{"encoder": enc_params, "decoder": dec_params}`.
+  """
+
+  encoder: nn.Module
+  decoder: nn.Module
+
+  @property
+  def latent_dim(self) -> int:
+    return self.encoder.latent_dim
+
+  def init(self, key: jax.Array) -> dict[str, Params]:
+    """Fresh parameters: `{"encoder": ..., "decoder": ...}` (He-normal kernels, 0 bias)."""
+    key_enc, key_dec = jax.random.split(key)
+    x = jnp.zeros((1, *IMAGE_SHAPE), jnp.float32)
+    z = jnp.zeros((1, self.latent_dim), jnp.float32)
+    return {
+      "encoder": self.encoder.init(key_enc, x)["params"],
+      "decoder": self.decoder.init(key_dec, z)["params"],
+    }
+
+  def encode(self, enc_params: Params, x: jax.Array) -> jax.Array:
+    """Encodes `[b, 28, 28, 1]` images to `[b, latent_dim]` latents."""
+    return self.encoder.apply({"params": enc_params}, x)
+
+  def decode(self, dec_params: Params, z: jax.Array) -> jax.Array:
+    """Decodes `[b, latent_dim]` latents to `[b, 28, 28, 1]` images in (0, 1)."""
+    return self.decoder.apply({"params": dec_params}, z)
+
+
+def make_autoencoder(arch: str, latent_dim: int) -> Autoencoder:
+  """Builds the encoder/decoder pair of an architecture.
+
+  Args:
+    arch: "mlp" or "lenet" (LeNet-5), see the module docstring.
+    latent_dim: dimension z of the latent space (2 for the flower prior).
+
+  Returns:
+    An `Autoencoder` (a NamedTuple `(encoder, decoder)` of Linen modules).
+
+  Raises:
+    ValueError: on an unknown `arch` or a non-positive `latent_dim`.
+  """
+  if arch not in _MODULES:
+    raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
+  if not isinstance(latent_dim, int) or latent_dim <= 0:
+    raise ValueError(f"latent_dim must be a positive int, got {latent_dim!r}")
+  enc_cls, dec_cls = _MODULES[arch]
+  return Autoencoder(enc_cls(latent_dim), dec_cls(latent_dim))
+
+
+def init_params(key: jax.Array, arch: str, latent_dim: int) -> dict[str, Params]:
+  """Fresh parameters of `make_autoencoder(arch, latent_dim)`: `{"encoder", "decoder"}`."""
+  return make_autoencoder(arch, latent_dim).init(key)
+
+
+def count_params(params: Params) -> int:
+  """Total number of scalar parameters in a pytree."""
+  return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
+
+
+__all__ = [
+  "ARCHS",
+  "IMAGE_SHAPE",
+  "Autoencoder",
+  "LeNetDecoder",
+  "LeNetEncoder",
+  "MLPDecoder",
+  "MLPEncoder",
+  "count_params",
+  "init_params",
+  "make_autoencoder",
+]
