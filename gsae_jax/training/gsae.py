@@ -1,0 +1,264 @@
+"""The three GSAE training steps: ``local``, ``minibatch_global`` and ``full_global``.
+
+Global Sinkhorn Autoencoder (Algorithm 1 of the GSAE paper, as the authors' code runs it):
+the loss is ``D + λ·S`` with ``D`` the per-pixel MSE of the minibatch and ``S`` the debiased
+Sinkhorn divergence (:func:`gsae_jax.ot.sinkhorn_divergence`, GeomLoss conventions) between
+latents and a prior sample:
+
+* ``local`` (the SAE baseline of Patrini et al.): ``S`` between the ``M`` batch latents and a
+  fresh ``M``-point prior sample.
+* ``minibatch_global``: ``S`` between a cache of all ``n`` training latents, re-encoded under
+  ``stop_gradient`` every ``recalculate_freq`` steps with the batch rows replaced by the live
+  batch latents, and an ``n``-point prior sample redrawn every ``resample_freq`` steps. The
+  gradient reaches the encoder through the batch only.
+* ``full_global``: all ``n`` latents are live. In bounded memory: a chunked forward pass keeps
+  no activations, ``dS/dZ`` comes from the OT engine for all ``n`` latents, then a second
+  chunked pass of encoder VJPs accumulates the parameter gradient.
+
+Everything here is pure and jittable; :func:`make_train_step` builds one jitted step per run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gsae_jax import priors
+from gsae_jax.models import Autoencoder
+from gsae_jax.ot import sinkhorn_divergence
+
+VARIANTS = ("local", "minibatch_global", "full_global")
+# Paper λ per variant (SPEC §3): the global modes weight each point's OT gradient by 1/n
+# instead of 1/M, so λ does not transfer between them.
+DEFAULT_LAMBDA = {"local": 0.1, "minibatch_global": 100.0, "full_global": 0.1}
+
+
+@dataclasses.dataclass(frozen=True)
+class GSAEConfig:
+  """Static settings of a GSAE run (hashable: it parameterises the jitted step).
+
+  Attributes:
+    variant: one of :data:`VARIANTS`.
+    lam: weight λ of the Sinkhorn term.
+    blur, scaling: GeomLoss parameters of ``S`` (``ε = blur²``).
+    batch_size: ``M``.
+    recalculate_freq: re-encode the latent cache every this many steps (minibatch_global).
+    resample_freq: redraw the ``n``-point prior sample every this many steps (global modes).
+    encode_chunk: images per chunk when encoding the whole training set.
+    prior: name for :func:`gsae_jax.priors.get_prior`.
+    learning_rate, b1, b2: Adam.
+  """
+
+  variant: str = "minibatch_global"
+  lam: float = 100.0
+  blur: float = 0.05
+  scaling: float = 0.7
+  batch_size: int = 100
+  recalculate_freq: int = 1
+  resample_freq: int = 1
+  encode_chunk: int = 500
+  prior: str = "flower"
+  learning_rate: float = 1e-3
+  b1: float = 0.5
+  b2: float = 0.999
+
+  def __post_init__(self):
+    if self.variant not in VARIANTS:
+      raise ValueError(f"`variant` must be one of {VARIANTS}, got {self.variant!r}.")
+    for name in ("batch_size", "recalculate_freq", "resample_freq", "encode_chunk"):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
+    if not self.lam >= 0:
+      raise ValueError(f"`lam` must be non-negative, got {self.lam!r}.")
+
+
+class TrainState(NamedTuple):
+  """Everything a step reads and writes; a pytree, checkpointed as a whole.
+
+  Attributes:
+    step: int32 scalar, steps taken.
+    params: ``{"encoder": ..., "decoder": ...}``.
+    opt_state: Adam state.
+    latents: ``[n, z]`` latent cache (``minibatch_global``; ``[0, z]`` otherwise).
+    prior: ``[n, z]`` current prior sample (global modes; ``[0, z]`` for ``local``).
+  """
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  latents: jax.Array
+  prior: jax.Array
+
+
+def make_optimizer(config: GSAEConfig) -> optax.GradientTransformation:
+  """Adam(lr, b1, b2) as in the paper (1e-3, 0.5, 0.999)."""
+  return optax.adam(config.learning_rate, b1=config.b1, b2=config.b2)
+
+
+def encode_all(model: Autoencoder, enc_params, images: jax.Array, chunk: int) -> jax.Array:
+  """Encodes ``[n, 28, 28, 1]`` images in chunks with ``lax.map``: ``[n, z]`` latents.
+
+  Only one chunk of activations is alive at a time; under ``jax.grad`` use
+  :func:`full_global_loss_and_grad` instead, which never stores activations.
+  """
+  n = images.shape[0]
+  chunk = min(chunk, n)
+  pad = (-n) % chunk
+  xs = jnp.concatenate([images, jnp.zeros((pad,) + images.shape[1:], images.dtype)])
+  xs = xs.reshape((-1, chunk) + images.shape[1:])
+  z = jax.lax.map(lambda xc: model.encode(enc_params, xc), xs)
+  return z.reshape(-1, z.shape[-1])[:n]
+
+
+def init_state(
+  key: jax.Array, model: Autoencoder, config: GSAEConfig, train_images: jax.Array
+) -> TrainState:
+  """Fresh parameters, optimiser state, latent cache and prior sample."""
+  params = model.init(key)
+  opt_state = make_optimizer(config).init(params)
+  n, zdim = train_images.shape[0], model.latent_dim
+  if config.variant == "minibatch_global":
+    latents = encode_all(model, params["encoder"], train_images, config.encode_chunk)
+  else:
+    latents = jnp.zeros((0, zdim), jnp.float32)
+  n_prior = 0 if config.variant == "local" else n
+  prior = jnp.zeros((n_prior, zdim), jnp.float32)
+  return TrainState(jnp.int32(0), params, opt_state, latents, prior)
+
+
+def _reconstruction(model, params, x):
+  return jnp.mean((model.decode(params["decoder"], model.encode(params["encoder"], x)) - x) ** 2)
+
+
+def _divergence(config: GSAEConfig, z, prior):
+  return sinkhorn_divergence(z, prior, blur=config.blur, scaling=config.scaling)
+
+
+def _sample_prior(config: GSAEConfig, key, n, zdim):
+  return priors.get_prior(config.prior, dim=zdim)(key, n)
+
+
+def full_global_loss_and_grad(model, config, params, x_batch, images, prior):
+  """``D + λ S`` and its gradient with every training latent live, in bounded memory.
+
+  ``S(Q(X), prior)`` is differentiated as ``Σ_chunks VJP_Q(X_chunk)(∂S/∂Z_chunk)``: a first
+  ``lax.map`` encodes the ``n`` images without keeping activations, the OT engine gives
+  ``∂S/∂Z`` for all ``n`` latents ([n, z]), and a ``lax.scan`` over chunks recomputes each
+  chunk's forward pass inside ``jax.vjp`` and accumulates the parameter cotangent. Memory:
+  ``O(n·z)`` latents plus one chunk of activations, whatever ``n``.
+
+  Returns:
+    ``(loss, (D, S), grads)`` with ``grads`` shaped like ``params``.
+  """
+  enc = params["encoder"]
+  z_all = jax.lax.stop_gradient(encode_all(model, enc, images, config.encode_chunk))
+  s_val, ds_dz = jax.value_and_grad(lambda z: _divergence(config, z, prior))(z_all)
+
+  n, chunk = images.shape[0], min(config.encode_chunk, images.shape[0])
+  pad = (-n) % chunk
+  xs = jnp.concatenate([images, jnp.zeros((pad,) + images.shape[1:], images.dtype)])
+  cts = jnp.concatenate([ds_dz, jnp.zeros((pad, ds_dz.shape[1]), ds_dz.dtype)])
+  xs = xs.reshape((-1, chunk) + images.shape[1:])
+  cts = cts.reshape(-1, chunk, ds_dz.shape[1])
+
+  def accumulate(acc, inputs):
+    xc, ctc = inputs
+    _, vjp = jax.vjp(lambda p: model.encode(p, xc), enc)
+    return jax.tree.map(jnp.add, acc, vjp(ctc)[0]), None
+
+  zeros = jax.tree.map(jnp.zeros_like, enc)
+  s_grad_enc, _ = jax.lax.scan(accumulate, zeros, (xs, cts))
+
+  d_val, grads = jax.value_and_grad(lambda p: _reconstruction(model, p, x_batch))(params)
+  grads = dict(grads)
+  grads["encoder"] = jax.tree.map(lambda g, s: g + config.lam * s, grads["encoder"], s_grad_enc)
+  return d_val + config.lam * s_val, (d_val, s_val), grads
+
+
+def _loss_fn(model, config, params, state: TrainState, x, idx, images, prior_key):
+  """``D + λ S`` for ``local`` and ``minibatch_global`` (plain autodiff)."""
+  z_b = model.encode(params["encoder"], x)
+  d_val = jnp.mean((model.decode(params["decoder"], z_b) - x) ** 2)
+  if config.variant == "local":
+    prior = _sample_prior(config, prior_key, x.shape[0], z_b.shape[1])
+    s_val = _divergence(config, z_b, prior)
+  else:
+    z = state.latents.at[idx].set(z_b)  # stop-gradient cache, live batch rows
+    s_val = _divergence(config, z, state.prior)
+  return d_val + config.lam * s_val, (d_val, s_val)
+
+
+def refresh(model, config: GSAEConfig, state: TrainState, images, key) -> TrainState:
+  """Redraws the prior sample and re-encodes the latent cache when their step comes."""
+  n, zdim = images.shape[0], model.latent_dim
+  if config.variant != "local":
+    prior = jax.lax.cond(
+      state.step % config.resample_freq == 0,
+      lambda: _sample_prior(config, key, n, zdim),
+      lambda: state.prior,
+    )
+    state = state._replace(prior=prior)
+  if config.variant == "minibatch_global":
+    latents = jax.lax.cond(
+      state.step % config.recalculate_freq == 0,
+      lambda: jax.lax.stop_gradient(
+        encode_all(model, state.params["encoder"], images, config.encode_chunk)
+      ),
+      lambda: state.latents,
+    )
+    state = state._replace(latents=latents)
+  return state
+
+
+def loss_and_grad(model, config: GSAEConfig, state: TrainState, idx, images, key):
+  """``(loss, (D, S), grads)`` of the variant's ``D + λ S`` at ``state`` (already refreshed).
+
+  Args:
+    model, config: as in :func:`make_train_step`.
+    state: the train state after :func:`refresh`.
+    idx: ``[M]`` batch indices into ``images``.
+    images: ``[n, 28, 28, 1]`` training set.
+    key: prior key of the ``local`` variant (unused otherwise).
+  """
+  x = images[idx]
+  if config.variant == "full_global":
+    return full_global_loss_and_grad(model, config, state.params, x, images, state.prior)
+  fn = functools.partial(_loss_fn, model, config)
+  (loss, aux), grads = jax.value_and_grad(fn, has_aux=True)(
+    state.params, state, x, idx, images, key
+  )
+  return loss, aux, grads
+
+
+def make_train_step(
+  model: Autoencoder, config: GSAEConfig, images: jax.Array
+) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+  """Builds the jitted step ``(state, idx, key) -> (state, metrics)`` for ``config.variant``.
+
+  Args:
+    model: the autoencoder.
+    config: run settings.
+    images: ``[n, 28, 28, 1]`` training images, on device (closed over, not copied per step).
+
+  Returns:
+    A jitted step. ``idx`` is the ``[M]`` int32 batch; ``key`` the step's key (e.g.
+    ``fold_in(train_key, step)``). Metrics: ``loss``, ``reconstruction``, ``sinkhorn``.
+  """
+  opt = make_optimizer(config)
+
+  def step(state: TrainState, idx: jax.Array, key: jax.Array):
+    k_prior, k_local = jax.random.split(key)
+    state = refresh(model, config, state, images, k_prior)
+    loss, (d_val, s_val), grads = loss_and_grad(model, config, state, idx, images, k_local)
+    updates, opt_state = opt.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new = state._replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new, {"loss": loss, "reconstruction": d_val, "sinkhorn": s_val}
+
+  return jax.jit(step, donate_argnums=0)

@@ -1,0 +1,222 @@
+"""The GSAE train/evaluate loop behind ``python -m experiments.flower_mnist``.
+
+Data go to the device once; each step is one call of the jitted step built by
+:func:`gsae_jax.training.gsae.make_train_step`; metrics come to the host only at log steps.
+Everything lands in ``workdir``: ``config.json``, ``metrics.jsonl`` (one line per evaluation),
+``metrics.json`` (final), ``latents.png``, ``curves.png`` and a checkpoint after every
+evaluation (and on Ctrl-C) from which a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gsae_jax import checkpointing, metrics, plotting, priors
+from gsae_jax.data import load_dataset
+from gsae_jax.models import ARCHS, make_autoencoder
+from gsae_jax.training.gsae import (
+  DEFAULT_LAMBDA,
+  GSAEConfig,
+  encode_all,
+  init_state,
+  make_train_step,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """A whole run: the step's :class:`GSAEConfig` plus data, model, schedule and seed.
+
+  ``lam=None`` takes the paper's λ of the variant (:data:`DEFAULT_LAMBDA`).
+  """
+
+  variant: str = "minibatch_global"
+  arch: str = "mlp"
+  latent_dim: int = 2
+  epochs: int = 50
+  lam: float | None = None
+  blur: float = 0.05
+  scaling: float = 0.7
+  batch_size: int = 100
+  recalculate_freq: int = 1
+  resample_freq: int = 1
+  encode_chunk: int = 500
+  dataset: str = "mnist5k"
+  n_train: int | None = None
+  n_test: int | None = None
+  seed: int = 0
+  eval_every: int = 1000
+  log_every_s: float = 10.0
+
+  def __post_init__(self):
+    if self.arch not in ARCHS:
+      raise ValueError(f"`arch` must be one of {ARCHS}, got {self.arch!r}.")
+    for name in ("epochs", "eval_every", "latent_dim"):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
+    self.gsae()  # validates the step settings
+
+  def gsae(self) -> GSAEConfig:
+    lam = DEFAULT_LAMBDA.get(self.variant, 0.0) if self.lam is None else self.lam
+    return GSAEConfig(
+      variant=self.variant,
+      lam=float(lam),
+      blur=self.blur,
+      scaling=self.scaling,
+      batch_size=self.batch_size,
+      recalculate_freq=self.recalculate_freq,
+      resample_freq=self.resample_freq,
+      encode_chunk=self.encode_chunk,
+    )
+
+
+def _log(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)
+
+
+def make_eval_fns(model, chunk: int):
+  """Jitted chunked ``encode(enc_params, images)`` and ``decode(dec_params, z)``, built once."""
+
+  def decode(dec, z):
+    n = z.shape[0]
+    c = min(chunk, n)
+    pad = (-n) % c
+    zs = jnp.concatenate([z, jnp.zeros((pad, z.shape[1]), z.dtype)]).reshape(-1, c, z.shape[1])
+    out = jax.lax.map(lambda zc: model.decode(dec, zc), zs)
+    return out.reshape((-1,) + out.shape[2:])[:n]
+
+  return jax.jit(lambda enc, x: encode_all(model, enc, x, chunk)), jax.jit(decode)
+
+
+def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, float]:
+  """Trains a GSAE as ``config`` says, evaluating and checkpointing into ``workdir``.
+
+  Resumes from ``workdir``'s checkpoint when there is one (the config must match). Ctrl-C
+  saves a checkpoint before exiting.
+
+  Returns:
+    The final five metrics (keys of :data:`gsae_jax.metrics.METRIC_NAMES`).
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  cfg_path = workdir / "config.json"
+  cfg_dict = dataclasses.asdict(config)
+  resuming = checkpointing.exists(workdir)
+  if resuming and cfg_path.is_file():
+    saved = json.loads(cfg_path.read_text())
+    diff = {
+      k: (saved.get(k), v)
+      for k, v in cfg_dict.items()
+      if k not in ("epochs", "eval_every", "log_every_s") and saved.get(k) != v
+    }
+    if diff:
+      raise ValueError(
+        f"{workdir} holds a run with a different config {diff} (saved, asked); "
+        "use another --workdir or delete it."
+      )
+  cfg_path.write_text(json.dumps(cfg_dict, indent=2))
+
+  data = load_dataset(
+    config.dataset, n_train=config.n_train, n_test=config.n_test, seed=config.seed
+  )
+  gcfg = config.gsae()
+  n = data.train_images.shape[0]
+  if n < gcfg.batch_size:
+    raise ValueError(f"batch_size {gcfg.batch_size} exceeds the {n} training images.")
+  steps_per_epoch = n // gcfg.batch_size
+  total_steps = config.epochs * steps_per_epoch
+  _log(
+    f"gsae: {config.variant} {config.arch} on {config.dataset} (n_train={n}, "
+    f"n_test={data.test_images.shape[0]}), λ={gcfg.lam}, {config.epochs} epochs = "
+    f"{total_steps} steps, workdir {workdir}"
+  )
+
+  model = make_autoencoder(config.arch, config.latent_dim)
+  images = jax.device_put(jnp.asarray(data.train_images))
+  root = jax.random.key(config.seed)
+  k_init, k_train, k_data, k_eval = jax.random.split(root, 4)  # eval key ≠ any training key
+
+  state = init_state(k_init, model, gcfg, images)
+  records: list[dict] = []
+  if resuming:
+    state, header = checkpointing.restore(workdir, state)
+    records = header.get("records", [])
+    _log(f"gsae: resumed from step {int(state.step)}")
+  step_fn = make_train_step(model, gcfg, images)
+
+  def save():
+    checkpointing.save(workdir, state, {"step": int(state.step), "records": records})
+
+  encode_fn, decode_fn = make_eval_fns(model, gcfg.encode_chunk)
+  test_images = jnp.asarray(data.test_images)
+
+  def evaluate(train_metrics):
+    z = encode_fn(state.params["encoder"], test_images)
+    recon = decode_fn(state.params["decoder"], z)
+    scores = metrics.evaluate_latents(k_eval, z, data.test_labels, test_images, recon)
+    z = np.asarray(z)
+    rec = {"step": int(state.step), **{f"train_{k}": v for k, v in train_metrics.items()}, **scores}
+    records.append(rec)
+    with open(workdir / "metrics.jsonl", "a") as f:
+      f.write(json.dumps(rec) + "\n")
+    prior_sample = priors.flower(k_eval, min(z.shape[0], 5000))
+    plotting.plot_latents(
+      workdir / "latents.png",
+      z,
+      data.test_labels,
+      prior_sample,
+      title=f"{config.variant} {config.arch}, step {int(state.step)}",
+    )
+    plotting.plot_curves(workdir / "curves.png", records)
+    save()
+    _log("gsae: eval " + ", ".join(f"{k}={v:.4g}" for k, v in rec.items()))
+
+  start = int(state.step)
+  t0 = last_log = time.time()
+  last = {}
+  try:
+    for step in range(start, total_steps):
+      epoch, pos = divmod(step, steps_per_epoch)
+      if pos == 0 or step == start:
+        perm = jax.random.permutation(jax.random.fold_in(k_data, epoch), n)
+      idx = jax.lax.dynamic_slice_in_dim(perm, pos * gcfg.batch_size, gcfg.batch_size)
+      state, out = step_fn(state, idx, jax.random.fold_in(k_train, step))
+      done = step + 1
+      if (
+        time.time() - last_log > config.log_every_s
+        or done % config.eval_every == 0
+        or done == total_steps
+      ):
+        last = {k: float(v) for k, v in out.items()}
+        if not all(math.isfinite(v) for v in last.values()):
+          save()
+          raise FloatingPointError(f"non-finite loss at step {done}: {last}")
+        rate = (done - start) / (time.time() - t0)
+        eta = (total_steps - done) / max(rate, 1e-9)
+        _log(
+          f"gsae: step {done}/{total_steps} epoch {epoch + 1} loss {last['loss']:.5f} "
+          f"D {last['reconstruction']:.5f} S {last['sinkhorn']:.5f} "
+          f"{rate:.2f} steps/s ETA {eta / 60:.1f} min"
+        )
+        last_log = time.time()
+      if done % config.eval_every == 0 and done != total_steps:
+        evaluate(last)
+  except KeyboardInterrupt:
+    save()
+    _log(f"gsae: interrupted; checkpoint at step {int(state.step)} saved in {workdir}")
+    raise
+
+  if not records or records[-1]["step"] != int(state.step):
+    evaluate(last)
+  final = {k: records[-1][k] for k in metrics.METRIC_NAMES}
+  (workdir / "metrics.json").write_text(json.dumps(final, indent=2))
+  return final
