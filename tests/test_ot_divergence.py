@@ -83,7 +83,7 @@ def test_schedule_length_matches_geomloss():
     assert len(sched) == int(case["n_eps"])
 
 
-@pytest.mark.parametrize("blur,d,n,m", [(0.1, 2, 300, 200), (0.2, 5, 150, 180)])
+@pytest.mark.parametrize("blur,d,n,m", [(0.1, 2, 150, 120), (0.2, 5, 100, 130)])
 def test_converged_matches_ott(blur, d, n, m):
   from ott.geometry import pointcloud
   from ott.tools import sinkhorn_divergence as ott_sd
@@ -119,13 +119,13 @@ def test_small_blur_approaches_exact_assignment():
   np.testing.assert_allclose(ours, exact, rtol=0.02)
 
 
-@pytest.mark.parametrize("blur", [0.5, 0.2])
+@pytest.mark.parametrize("blur", [0.5, 0.3])
 def test_envelope_unroll_and_finite_differences_agree_at_convergence(x64, blur):
   rng = np.random.default_rng(5)
   x, y = rng.normal(size=(40, 2)), 1.5 * rng.normal(size=(30, 2)) + 1
   f = lambda x, grad, tol, it: sinkhorn_divergence(x, y, blur=blur, grad=grad, tol=tol, max_iter=it)
   g_env = jax.grad(lambda x: f(x, "envelope", 1e-10, 5000))(x)
-  g_unr = jax.grad(lambda x: f(x, "unroll", 1e-10, 2000))(x)
+  g_unr = jax.grad(lambda x: f(x, "unroll", 1e-10, 500))(x)
   np.testing.assert_allclose(g_env, g_unr, rtol=1e-6, atol=1e-9)
   direction = rng.normal(size=x.shape)
   h = 1e-5
@@ -163,7 +163,7 @@ def test_chunk_size_does_not_change_result():
   x = flower_numpy(rng, 130).astype(np.float32)
   y = rng.normal(size=(70, 2)).astype(np.float32)
   ref = sinkhorn_divergence(x, y)
-  for chunk in (1, 7, 64):
+  for chunk in (7, 64):
     np.testing.assert_allclose(sinkhorn_divergence(x, y, chunk_size=chunk), ref, rtol=1e-5)
 
 
