@@ -101,6 +101,14 @@ def make_optimizer(config: GSAEConfig) -> optax.GradientTransformation:
   return optax.adam(config.learning_rate, b1=config.b1, b2=config.b2)
 
 
+def _chunked(a: jax.Array, chunk: int) -> jax.Array:
+  """``[n, ...]`` → ``[n_chunks, chunk, ...]``, zero-padding only when ``chunk ∤ n``."""
+  pad = (-a.shape[0]) % chunk
+  if pad:
+    a = jnp.concatenate([a, jnp.zeros((pad,) + a.shape[1:], a.dtype)])
+  return a.reshape((-1, chunk) + a.shape[1:])
+
+
 def encode_all(model: Autoencoder, enc_params, images: jax.Array, chunk: int) -> jax.Array:
   """Encodes ``[n, 28, 28, 1]`` images in chunks with ``lax.map``: ``[n, z]`` latents.
 
@@ -108,10 +116,7 @@ def encode_all(model: Autoencoder, enc_params, images: jax.Array, chunk: int) ->
   :func:`full_global_loss_and_grad` instead, which never stores activations.
   """
   n = images.shape[0]
-  chunk = min(chunk, n)
-  pad = (-n) % chunk
-  xs = jnp.concatenate([images, jnp.zeros((pad,) + images.shape[1:], images.dtype)])
-  xs = xs.reshape((-1, chunk) + images.shape[1:])
+  xs = _chunked(images, min(chunk, n))
   z = jax.lax.map(lambda xc: model.encode(enc_params, xc), xs)
   return z.reshape(-1, z.shape[-1])[:n]
 
@@ -160,12 +165,8 @@ def full_global_loss_and_grad(model, config, params, x_batch, images, prior):
   z_all = jax.lax.stop_gradient(encode_all(model, enc, images, config.encode_chunk))
   s_val, ds_dz = jax.value_and_grad(lambda z: _divergence(config, z, prior))(z_all)
 
-  n, chunk = images.shape[0], min(config.encode_chunk, images.shape[0])
-  pad = (-n) % chunk
-  xs = jnp.concatenate([images, jnp.zeros((pad,) + images.shape[1:], images.dtype)])
-  cts = jnp.concatenate([ds_dz, jnp.zeros((pad, ds_dz.shape[1]), ds_dz.dtype)])
-  xs = xs.reshape((-1, chunk) + images.shape[1:])
-  cts = cts.reshape(-1, chunk, ds_dz.shape[1])
+  chunk = min(config.encode_chunk, images.shape[0])
+  xs, cts = _chunked(images, chunk), _chunked(ds_dz, chunk)
 
   def accumulate(acc, inputs):
     xc, ctc = inputs
