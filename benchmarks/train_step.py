@@ -21,7 +21,9 @@ from benchmarks.common import env_info, markdown_table, peak_rss_mb
 VARIANTS = ("local", "minibatch_global", "full_global")
 
 
-def run_one(variant: str, n: int, dataset: str, steps: int, arch: str) -> dict:
+def run_one(
+  variant: str, n: int, dataset: str, steps: int, arch: str, blur: float, scaling: float
+) -> dict:
   """Times ``steps`` warm steps of one variant in this process."""
   import jax
   import jax.numpy as jnp
@@ -35,7 +37,9 @@ def run_one(variant: str, n: int, dataset: str, steps: int, arch: str) -> dict:
   data = load_dataset(dataset, n_train=n, n_test=None if dataset == "mnist5k" else 1000)
   images = jnp.asarray(data.train_images)
   n = images.shape[0]
-  config: GSAEConfig = ExperimentConfig(variant=variant, arch=arch).gsae()
+  config: GSAEConfig = ExperimentConfig(
+    variant=variant, arch=arch, blur=blur, scaling=scaling
+  ).gsae()
   model = make_autoencoder(arch, 2)
   state = init_state(jax.random.key(0), model, config, images)
   step = make_train_step(model, config, images)
@@ -71,12 +75,21 @@ def main(argv=None):
   p.add_argument("--dataset", default="mnist5k", help="data source for n > 4000")
   p.add_argument("--arch", default="mlp")
   p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--blur", type=float, default=0.05)
+  p.add_argument(
+    "--scaling",
+    type=float,
+    default=0.7,
+    help="a short schedule (e.g. --blur 2 --scaling 0.3) measures peak memory fast",
+  )
   p.add_argument("--out", default="benchmarks/results")
   p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config, print JSON
   args = p.parse_args(argv)
   if args.one:
     variant, n, dataset = args.one.split(",", 2)
-    print(json.dumps(run_one(variant, int(n), dataset, args.steps, args.arch)))
+    print(
+      json.dumps(run_one(variant, int(n), dataset, args.steps, args.arch, args.blur, args.scaling))
+    )
     return
   rows = []
   for n in args.n:

@@ -41,9 +41,10 @@ def _pad_rows(a: jax.Array, chunk: int) -> tuple[jax.Array, int]:
   return a.reshape((-1, chunk) + a.shape[1:]), n
 
 
-# Up to this dimension, products with the [c, m] block are written as broadcast
-# multiply-adds that XLA fuses with the exp/sum; a matmul with an inner size of 2 or 3 is
-# slower on CPU (measured, BUILD_NOTES.md "softmin kernel").
+# Up to this dimension the [c, m] logits are built by broadcast multiply-adds that XLA fuses
+# with the max/exp; a matmul with an inner size of 2 was slower on CPU. The backward keeps
+# matmuls (P y, Pᵀ w): there the broadcast form was slower and held 3x the temporaries
+# (BUILD_NOTES.md, "Softmin kernel").
 _BROADCAST_MAX_DIM = 4
 
 
@@ -56,20 +57,6 @@ def _block_logits(xc: jax.Array, y: jax.Array, h: jax.Array, inv_eps: jax.Array)
   for k in range(xc.shape[1]):
     s = s + xs[:, k : k + 1] * y[None, :, k]
   return s
-
-
-def _rows_times(p: jax.Array, y: jax.Array) -> jax.Array:
-  """``p @ y`` for a ``[c, m]`` block and ``[m, k]`` features."""
-  if y.shape[1] > _BROADCAST_MAX_DIM + 1:
-    return p @ y
-  return jnp.stack([jnp.sum(p * y[None, :, k], axis=1) for k in range(y.shape[1])], axis=1)
-
-
-def _cols_times(p: jax.Array, w: jax.Array) -> jax.Array:
-  """``p.T @ w`` for a ``[c, m]`` block and ``[c, k]`` weights."""
-  if w.shape[1] > _BROADCAST_MAX_DIM + 1:
-    return p.T @ w
-  return jnp.stack([jnp.sum(p * w[:, k : k + 1], axis=0) for k in range(w.shape[1])], axis=1)
 
 
 def _safe_max(s: jax.Array) -> jax.Array:
@@ -115,11 +102,11 @@ def _softmin_bwd(chunk, res, ct):
     xc, ctc, lsec = inputs
     s = _block_logits(xc, y, h, inv_eps)
     p = jnp.exp(s - lsec[:, None])
-    py = _rows_times(p, y)  # [c, d]
+    py = p @ y  # [c, d]
     outc = -eps * lsec
     dx = -ctc[:, None] * py
     w = ctc[:, None] * jnp.concatenate([xc, jnp.full_like(xc[:, :1], eps)], axis=1)
-    acc = acc - _cols_times(p, w)  # [m, d + 1]: (dy, dh)
+    acc = acc - p.T @ w  # [m, d + 1]: (dy, dh)
     deps = jnp.sum(ctc * (outc + jnp.sum(xc * py, axis=1))) * inv_eps
     return acc, (dx, deps)
 
@@ -196,7 +183,7 @@ def softmin_with_mean(
     mx = _safe_max(s)
     e = jnp.exp(s - mx[:, None])
     z = jnp.sum(e, axis=1)
-    return -eps * (mx + jnp.log(z)), _rows_times(e, features) / z[:, None]
+    return -eps * (mx + jnp.log(z)), (e @ features) / z[:, None]
 
   xs, _ = _pad_rows(x, chunk)
   f, mean = jax.lax.map(block, xs)
