@@ -39,17 +39,18 @@ class ExperimentConfig:
   ``lam=None`` takes the paper's λ of the variant (:data:`DEFAULT_LAMBDA`).
   """
 
-  variant: str = "minibatch_global"
+  variant: str = GSAEConfig.variant
   arch: str = "mlp"
   latent_dim: int = 2
   epochs: int = 50
   lam: float | None = None
-  blur: float = 0.05
-  scaling: float = 0.7
-  batch_size: int = 100
-  recalculate_freq: int = 1
-  resample_freq: int = 1
-  encode_chunk: int = 500
+  # step settings: defaults from GSAEConfig, the one place they are set
+  blur: float = GSAEConfig.blur
+  scaling: float = GSAEConfig.scaling
+  batch_size: int = GSAEConfig.batch_size
+  recalculate_freq: int = GSAEConfig.recalculate_freq
+  resample_freq: int = GSAEConfig.resample_freq
+  encode_chunk: int = GSAEConfig.encode_chunk
   dataset: str = "mnist5k"
   n_train: int | None = None
   n_test: int | None = None
