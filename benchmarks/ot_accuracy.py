@@ -26,7 +26,9 @@ Writes ``ot_accuracy.json`` and ``ot_accuracy.md`` under ``--out`` and prints th
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -138,6 +140,23 @@ def reference(x, y, blur, tol, max_iter) -> dict:
     }
 
 
+def cached_reference(args, case, n, x, y, blur) -> dict:
+  """:func:`reference`, stored under ``--ref_cache`` (if set) so an interrupted run resumes."""
+  if not args.ref_cache:
+    return reference(x, y, blur, args.ref_tol, args.ref_max_iter)
+  key = f"{case}_n{n}_blur{blur:g}_seed{args.seed}_tol{args.ref_tol:g}_max{args.ref_max_iter}"
+  path = Path(args.ref_cache) / f"{key}.npz"
+  if path.exists():
+    with np.load(path) as z:
+      print(f"    (reference from {path})", flush=True)
+      return {**json.loads(str(z["meta"])), "grad": z["grad"]}
+  ref = reference(x, y, blur, args.ref_tol, args.ref_max_iter)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  meta = json.dumps({k: v for k, v in ref.items() if k != "grad"})
+  np.savez(path, grad=ref["grad"], meta=np.asarray(meta))
+  return ref
+
+
 def part_annealed(args) -> dict:
   rows, refs, checks = [], [], []
   for case in CASES:
@@ -145,7 +164,7 @@ def part_annealed(args) -> dict:
     diam = float(bounding_box_diameter(jnp.asarray(x), jnp.asarray(y)))
     for blur in args.blurs:
       print(f"[a] {case} blur={blur}: converged reference ...", flush=True)
-      ref = reference(x, y, blur, args.ref_tol, args.ref_max_iter)
+      ref = cached_reference(args, case, args.n, x, y, blur)
       refs.append({"case": case, "blur": blur, **{k: v for k, v in ref.items() if k != "grad"}})
       print(f"    S_ref={ref['value']:.8g} iterations={ref['iterations']}", flush=True)
       for scaling in args.scalings:
@@ -182,7 +201,7 @@ def part_annealed(args) -> dict:
       xc, yc = make_clouds(case, args.check_n, args.check_n, args.seed + 1)
       blur = max(args.blurs)
       print(f"[a] cross-check {case} n={args.check_n} blur={blur} ...", flush=True)
-      ref = reference(xc, yc, blur, args.ref_tol, args.ref_max_iter)
+      ref = cached_reference(args, case, args.check_n, xc, yc, blur)
       with jax.enable_x64(True):
         div = annealed(
           xc, yc, blur, 0.7, jnp.float64, 0, tol=args.ref_tol, max_iter=args.check_max_iter
@@ -443,6 +462,7 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--repeats", type=int, default=3, help="warm repeats of the annealed runs")
   p.add_argument("--ref_tol", type=float, default=1e-4)
   p.add_argument("--ref_max_iter", type=int, default=200_000)
+  p.add_argument("--ref_cache", default="", help="directory caching references (resumable)")
   p.add_argument("--check_n", type=int, default=500, help="cross-check size; 0 skips it")
   p.add_argument("--check_max_iter", type=int, default=200_000)
   p.add_argument("--warm_n", type=int, default=2000)
