@@ -22,7 +22,14 @@ VARIANTS = ("local", "minibatch_global", "full_global")
 
 
 def run_one(
-  variant: str, n: int, dataset: str, steps: int, arch: str, blur: float, scaling: float
+  variant: str,
+  n: int,
+  dataset: str,
+  steps: int,
+  arch: str,
+  blur: float,
+  scaling: float,
+  prior_self_term: bool = False,
 ) -> dict:
   """Times ``steps`` warm steps of one variant in this process."""
   import jax
@@ -38,7 +45,7 @@ def run_one(
   images = jnp.asarray(data.train_images)
   n = images.shape[0]
   config: GSAEConfig = ExperimentConfig(
-    variant=variant, arch=arch, blur=blur, scaling=scaling
+    variant=variant, arch=arch, blur=blur, scaling=scaling, prior_self_term=prior_self_term
   ).gsae()
   model = make_autoencoder(arch, 2)
   state = init_state(jax.random.key(0), model, config, images)
@@ -59,6 +66,10 @@ def run_one(
     "n": n,
     "arch": arch,
     "dataset": dataset,
+    "blur": blur,
+    "scaling": scaling,
+    "prior_self_term": prior_self_term,
+    "status": "ok",
     "compile_and_first_step_s": first,
     "step_s": per_step,
     "steps_per_s": 1 / per_step,
@@ -66,6 +77,38 @@ def run_one(
     "rss_after_imports_mb": base,
     "loss": float(out["loss"]),
   }
+
+
+def _vm_hwm_mb(pid: int) -> float | None:
+  """Peak RSS (VmHWM) of a live process in MiB, from ``/proc``; ``None`` if unreadable."""
+  try:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 1024.0
+  except OSError:
+    return None
+  return None
+
+
+def run_subprocess(cmd: list[str], timeout_s: float | None) -> tuple[dict | None, float | None]:
+  """Runs ``cmd`` (a ``--one`` config), polling its peak RSS; kills it after ``timeout_s``.
+
+  Returns:
+    ``(row, peak_mb)``: the JSON row it printed (``None`` on timeout) and the last VmHWM seen.
+  """
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  t0, peak = time.time(), None
+  while proc.poll() is None:
+    peak = _vm_hwm_mb(proc.pid) or peak
+    if timeout_s is not None and time.time() - t0 > timeout_s:
+      proc.kill()
+      proc.communicate()
+      return None, peak
+    time.sleep(1.0)
+  out, err = proc.communicate()
+  if proc.returncode != 0:
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
+  return json.loads(out.strip().splitlines()[-1]), peak
 
 
 def main(argv=None):
@@ -82,15 +125,36 @@ def main(argv=None):
     default=0.7,
     help="a short schedule (e.g. --blur 2 --scaling 0.3) measures peak memory fast",
   )
+  p.add_argument(
+    "--prior_self_term",
+    action="store_true",
+    help="also compute the prior's self-term of S (GSAEConfig.prior_self_term)",
+  )
+  p.add_argument(
+    "--timeout_s",
+    type=float,
+    default=None,
+    help="kill a config after this long and record its peak RSS so far as 'timeout'",
+  )
   p.add_argument("--out", default="benchmarks/results")
+  p.add_argument("--name", default="train_step", help="output file stem")
   p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config, print JSON
   args = p.parse_args(argv)
   if args.one:
     variant, n, dataset = args.one.split(",", 2)
-    print(
-      json.dumps(run_one(variant, int(n), dataset, args.steps, args.arch, args.blur, args.scaling))
+    row = run_one(
+      variant,
+      int(n),
+      dataset,
+      args.steps,
+      args.arch,
+      args.blur,
+      args.scaling,
+      args.prior_self_term,
     )
+    print(json.dumps(row))
     return
+  env = env_info()
   rows = []
   for n in args.n:
     dataset = "mnist5k" if n <= 4000 else args.dataset
@@ -102,37 +166,62 @@ def main(argv=None):
         f"--one={v},{n},{dataset}",
         f"--steps={args.steps}",
         f"--arch={args.arch}",
-      ]
-      res = subprocess.run(cmd, capture_output=True, text=True)
-      if res.returncode != 0:
-        raise RuntimeError(f"{v} n={n} failed:\n{res.stderr[-3000:]}")
-      rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        f"--blur={args.blur}",
+        f"--scaling={args.scaling}",
+      ] + (["--prior_self_term"] if args.prior_self_term else [])
+      row, peak = run_subprocess(cmd, args.timeout_s)
+      if row is None:
+        row = {
+          "variant": v,
+          "n": n,
+          "arch": args.arch,
+          "dataset": dataset,
+          "blur": args.blur,
+          "scaling": args.scaling,
+          "prior_self_term": args.prior_self_term,
+          "status": f"timeout after {args.timeout_s:g} s (compile + first step unfinished)",
+          "peak_rss_mb": peak,
+        }
+      rows.append(row)
+      rate = row.get("steps_per_s")
       print(
-        f"{v} n={n}: {rows[-1]['steps_per_s']:.3f} steps/s, "
-        f"peak RSS {rows[-1]['peak_rss_mb']:.0f} MB",
+        f"{v} n={n}: {row['status']}, "
+        + (f"{rate:.3f} steps/s, " if rate else "")
+        + f"peak RSS {row['peak_rss_mb'] or float('nan'):.0f} MB",
         file=sys.stderr,
         flush=True,
       )
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "train_step.json").write_text(json.dumps({"env": env_info(), "rows": rows}, indent=2))
+  payload = {"env": env, "args": vars(args), "rows": rows}
+  (out / f"{args.name}.json").write_text(json.dumps(payload, indent=2))
+  cols = ["steps_per_s", "step_s", "compile_and_first_step_s", "peak_rss_mb"]
   table = markdown_table(
-    ["variant", "n", "arch", "steps/s", "s/step", "compile+first (s)", "peak RSS (MB)"],
     [
-      [
-        r["variant"],
-        r["n"],
-        r["arch"],
-        r["steps_per_s"],
-        r["step_s"],
-        r["compile_and_first_step_s"],
-        r["peak_rss_mb"],
-      ]
+      "variant",
+      "n",
+      "arch",
+      "blur/scaling",
+      "steps/s",
+      "s/step",
+      "compile+first (s)",
+      "peak RSS (MB)",
+      "status",
+    ],
+    [
+      [r["variant"], r["n"], r["arch"], f"{r['blur']:g}/{r['scaling']:g}"]
+      + [r.get(c, "–") if r.get(c) is not None else "–" for c in cols]
+      + [r["status"]]
       for r in rows
     ],
   )
-  (out / "train_step.md").write_text(table + "\n")
+  note = (
+    f"load average at start {env['load_avg_1m_at_start']:.2f}; "
+    f"prior_self_term={args.prior_self_term}; {args.steps} timed steps after the first"
+  )
+  (out / f"{args.name}.md").write_text(table + "\n\n" + note + "\n")
   print(table)
+  print(note)
 
 
 if __name__ == "__main__":

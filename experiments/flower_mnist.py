@@ -27,6 +27,11 @@ flags.DEFINE_float("scaling", _D.scaling, "ε-annealing ratio in (0, 1).")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Minibatch size M.")
 flags.DEFINE_integer("recalculate_freq", _D.recalculate_freq, "Steps between cache re-encodes.")
 flags.DEFINE_integer("resample_freq", _D.resample_freq, "Steps between prior redraws.")
+flags.DEFINE_bool(
+  "prior_self_term",
+  _D.prior_self_term,
+  "Compute the prior's self-term of S each step (same gradients; only the logged train S).",
+)
 flags.DEFINE_integer("encode_chunk", _D.encode_chunk, "Images per chunk in global encoding.")
 flags.DEFINE_string("dataset", _D.dataset, "mnist5k | idx:DIR | tfds:mnist | tfds:fashion_mnist")
 flags.DEFINE_integer("n_train", None, "Class-balanced training subset size.")
@@ -52,6 +57,7 @@ def main(argv):
       recalculate_freq=FLAGS.recalculate_freq,
       resample_freq=FLAGS.resample_freq,
       encode_chunk=FLAGS.encode_chunk,
+      prior_self_term=FLAGS.prior_self_term,
       dataset=FLAGS.dataset,
       n_train=FLAGS.n_train,
       n_test=FLAGS.n_test,

@@ -140,19 +140,24 @@ def _mass_violation(log_w, f_old, f_new, eps):
   return jnp.sum(jnp.where(w > 0, w * jnp.abs(jnp.expm1((f_old - f_new) / eps)), 0.0))
 
 
-def _div_step(st: _DivState, eps, x, y, la, lb, chunk):
+def _self_softmin(static_b, g_bb, *args):
+  # The target's self-term softmin(*args); skipped (g_bb stays zero) when ``static_b``.
+  return g_bb if static_b else softmin(*args)
+
+
+def _div_step(st: _DivState, eps, x, y, la, lb, chunk, static_b=False):
   """One symmetric, averaged update of the four potentials (Feydy 2020, Fig. 3.24.b)."""
   ft_ba = softmin(x, y, lb + st.g_ab / eps, eps, chunk)
   gt_ab = softmin(y, x, la + st.f_ba / eps, eps, chunk)
   ft_aa = softmin(x, x, la + st.f_aa / eps, eps, chunk)
-  gt_bb = softmin(y, y, lb + st.g_bb / eps, eps, chunk)
+  gt_bb = _self_softmin(static_b, st.g_bb, y, y, lb + st.g_bb / eps, eps, chunk)
   viol = jnp.max(
     jnp.stack(
       [
         _mass_violation(la, st.f_ba, ft_ba, eps),
         _mass_violation(lb, st.g_ab, gt_ab, eps),
         _mass_violation(la, st.f_aa, ft_aa, eps),
-        _mass_violation(lb, st.g_bb, gt_bb, eps),
+        _mass_violation(lb, st.g_bb, gt_bb, eps),  # 0 when static_b
       ]
     )
   )
@@ -165,7 +170,7 @@ def _div_step(st: _DivState, eps, x, y, la, lb, chunk):
   return new, viol
 
 
-def _div_init(eps0, x, y, la, lb, chunk) -> _DivState:
+def _div_init(eps0, x, y, la, lb, chunk, static_b=False) -> _DivState:
   # GeomLoss starts from g = 0, f = 0 (true potentials), i.e. ĝ = −½‖y‖², f̂ = −½‖x‖².
   hx = la - 0.5 * jnp.sum(x * x, axis=1) / eps0
   hy = lb - 0.5 * jnp.sum(y * y, axis=1) / eps0
@@ -173,11 +178,13 @@ def _div_init(eps0, x, y, la, lb, chunk) -> _DivState:
     softmin(x, y, hy, eps0, chunk),
     softmin(y, x, hx, eps0, chunk),
     softmin(x, x, hx, eps0, chunk),
-    softmin(y, y, hy, eps0, chunk),
+    _self_softmin(static_b, jnp.zeros_like(lb), y, y, hy, eps0, chunk),
   )
 
 
-def _extrapolate(st: _DivState, eps, x, y, la, lb, chunk, detach: bool) -> _DivState:
+def _extrapolate(
+  st: _DivState, eps, x, y, la, lb, chunk, detach: bool, static_b: bool = False
+) -> _DivState:
   """GeomLoss's "last extrapolation": one more softmin per potential.
 
   With ``detach`` (envelope gradients) only the points a potential lives on carry gradient:
@@ -189,7 +196,7 @@ def _extrapolate(st: _DivState, eps, x, y, la, lb, chunk, detach: bool) -> _DivS
     softmin(x, d(y), d(lb + st.g_ab / eps), eps, chunk),
     softmin(y, d(x), d(la + st.f_ba / eps), eps, chunk),
     softmin(x, d(x), d(la + st.f_aa / eps), eps, chunk),
-    softmin(y, d(y), d(lb + st.g_bb / eps), eps, chunk),
+    _self_softmin(static_b, st.g_bb, y, d(y), d(lb + st.g_bb / eps), eps, chunk),
   )
 
 
@@ -206,6 +213,7 @@ def sinkhorn_divergence(
   grad: str = "envelope",
   chunk_size: int | None = None,
   diameter: float | None = None,
+  static_b: bool = False,
 ) -> jax.Array:
   """Debiased Sinkhorn divergence ``S_ε(α, β) = OT_ε(α, β) − ½ OT_ε(α, α) − ½ OT_ε(β, β)``.
 
@@ -244,9 +252,14 @@ def sinkhorn_divergence(
     grad: ``"envelope"`` or ``"unroll"``.
     chunk_size: rows per softmin block (static); default 256 (fewer for huge clouds).
     diameter: optional fixed diameter ``D`` instead of the bounding box (static float).
+    static_b: skip the target's self-term ``OT_ε(β, β)`` (as ott-jax's ``static_b``) and
+      return ``OT_ε(α, β) − ½ OT_ε(α, α) = S_ε + ½ OT_ε(β, β)``: the same gradient in ``x``
+      and ``a`` (the skipped term does not depend on them; exactly, not just at convergence)
+      for 3 softmins per iteration instead of 4. For training against a prior sample.
 
   Returns:
-    Scalar ``S_ε``, differentiable in ``x, y, a, b``.
+    Scalar ``S_ε`` (or ``S_ε + ½ OT_ε(β, β)`` with ``static_b``), differentiable in
+    ``x, y, a, b``.
   """
   _check_blur_scaling(blur, scaling)
   if grad not in ("envelope", "unroll"):
@@ -278,6 +291,7 @@ def sinkhorn_divergence(
     chunk_size=chunk_size,
     diameter=diameter,
     n_steps=n_steps,
+    static_b=bool(static_b),
   )
 
 
@@ -298,15 +312,18 @@ _UNROLL_DIAMETER_BOUND = 1e5
     "chunk_size",
     "diameter",
     "n_steps",
+    "static_b",
   ),
 )
-def _divergence(x, y, a, b, *, blur, scaling, tol, max_iter, grad, chunk_size, diameter, n_steps):
+def _divergence(
+  x, y, a, b, *, blur, scaling, tol, max_iter, grad, chunk_size, diameter, n_steps, static_b
+):
   la, lb = jnp.log(a), jnp.log(b)
   x, y = _center(x, y)
   diam = bounding_box_diameter(x, y) if diameter is None else jnp.asarray(diameter, x.dtype)
   diam = sg(diam)
   n_mid = _n_mid_steps(diam, blur, scaling)
-  args = (diam, n_mid, blur, scaling, tol, max_iter, chunk_size)
+  args = (diam, n_mid, blur, scaling, tol, max_iter, chunk_size, static_b)
   if grad == "envelope":
     st = _anneal_while(sg(x), sg(y), sg(la), sg(lb), *args)
     ok = True
@@ -314,12 +331,17 @@ def _divergence(x, y, a, b, *, blur, scaling, tol, max_iter, grad, chunk_size, d
     st = _anneal_scan(x, y, la, lb, *args, n_steps)
     ok = n_mid + 2 <= n_steps
   eps_final = jnp.asarray(blur**2, x.dtype)
-  st = _extrapolate(st, eps_final, x, y, la, lb, chunk_size, detach=grad == "envelope")
-  value = jnp.sum(a * (st.f_ba - st.f_aa)) + jnp.sum(b * (st.g_ab - st.g_bb))
+  st = _extrapolate(
+    st, eps_final, x, y, la, lb, chunk_size, detach=grad == "envelope", static_b=static_b
+  )
+  # Folded potentials: the ½‖·‖² cancel between f_ba and f_aa, and between g_ab and g_bb;
+  # without g_bb, g_ab is unfolded (the centre is a constant under stop_gradient).
+  g_bb = -0.5 * jnp.sum(y * y, axis=1) if static_b else st.g_bb
+  value = jnp.sum(a * (st.f_ba - st.f_aa)) + jnp.sum(b * (st.g_ab - g_bb))
   return jnp.where(ok, value, jnp.nan)
 
 
-def _anneal_while(x, y, la, lb, diam, n_mid, blur, scaling, tol, max_iter, chunk):
+def _anneal_while(x, y, la, lb, diam, n_mid, blur, scaling, tol, max_iter, chunk, static_b):
   n_sched = n_mid + 2
   n_total = n_sched + (max_iter if tol is not None else 0)
   tol_ = jnp.asarray(-1.0 if tol is None else tol, x.dtype)
@@ -332,32 +354,32 @@ def _anneal_while(x, y, la, lb, diam, n_mid, blur, scaling, tol, max_iter, chunk
   def body(carry):
     k, st, _ = carry
     eps = _traced_epsilon(k, diam, n_mid, blur, scaling)
-    st, viol = _div_step(st, eps, x, y, la, lb, chunk)
+    st, viol = _div_step(st, eps, x, y, la, lb, chunk, static_b)
     return k + 1, st, viol
 
-  st0 = _div_init(diam**2, x, y, la, lb, chunk)
+  st0 = _div_init(diam**2, x, y, la, lb, chunk, static_b)
   inf = jnp.asarray(jnp.inf, x.dtype)
   _, st, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), st0, inf))
   return st
 
 
-def _anneal_scan(x, y, la, lb, diam, n_mid, blur, scaling, tol, max_iter, chunk, n_steps):
+def _anneal_scan(x, y, la, lb, diam, n_mid, blur, scaling, tol, max_iter, chunk, static_b, n_steps):
   """Reverse-differentiable annealing: a static-length scan whose idle steps lax.cond skips."""
   n_sched = n_mid + 2
 
   def sched_step(st, k):
     eps = _traced_epsilon(k, diam, n_mid, blur, scaling)
-    run = lambda s: _div_step(s, eps, x, y, la, lb, chunk)[0]
+    run = lambda s: _div_step(s, eps, x, y, la, lb, chunk, static_b)[0]
     return jax.lax.cond(k < n_sched, run, lambda s: s, st), None
 
-  st = _div_init(diam**2, x, y, la, lb, chunk)
+  st = _div_init(diam**2, x, y, la, lb, chunk, static_b)
   st, _ = jax.lax.scan(sched_step, st, jnp.arange(n_steps, dtype=jnp.int32))
   if tol is not None:
     eps = jnp.asarray(blur**2, x.dtype)
 
     def tol_step(carry, _):
       st, viol = carry
-      run = lambda s: _div_step(s, eps, x, y, la, lb, chunk)
+      run = lambda s: _div_step(s, eps, x, y, la, lb, chunk, static_b)
       keep = lambda s: (s, viol)
       return jax.lax.cond(viol > tol, run, keep, st), None
 
