@@ -51,6 +51,7 @@ class ExperimentConfig:
   recalculate_freq: int = GSAEConfig.recalculate_freq
   resample_freq: int = GSAEConfig.resample_freq
   encode_chunk: int = GSAEConfig.encode_chunk
+  prior_self_term: bool = GSAEConfig.prior_self_term
   dataset: str = "mnist5k"
   n_train: int | None = None
   n_test: int | None = None
@@ -77,6 +78,7 @@ class ExperimentConfig:
       recalculate_freq=self.recalculate_freq,
       resample_freq=self.resample_freq,
       encode_chunk=self.encode_chunk,
+      prior_self_term=self.prior_self_term,
     )
 
 
