@@ -53,9 +53,12 @@ def test_softmin_with_mean(x64):
 
 
 def test_default_chunk_size_bounds_block():
-  assert default_chunk_size(10_000, 10_000) == 256
+  # 256 rows, fewer once a [rows, m] float32 block would pass 4 MiB (2^20 entries), at least 8.
+  assert default_chunk_size(4_000, 4_000) == 256
+  assert default_chunk_size(10_000, 10_000) == (1 << 20) // 10_000 == 104
+  assert default_chunk_size(60_000, 60_000) == 17
   assert default_chunk_size(100, 10_000) == 100
-  assert default_chunk_size(10**6, 10**6) * 10**6 <= 1 << 24
+  assert default_chunk_size(10**6, 10**6) == 8
 
 
 def test_compiled_memory_has_no_dense_block():

@@ -21,14 +21,16 @@ import functools
 import jax
 import jax.numpy as jnp
 
-# A [chunk, m] float32 block of this many entries (64 MiB) is the default ceiling.
-_BLOCK_ENTRIES = 1 << 24
+# A [chunk, m] float32 block of at most this many entries (4 MiB) stays in the CPU's L3 cache;
+# bigger blocks spill to memory and the kernel becomes bandwidth-bound: at m = 60 000, d = 2,
+# 256-row blocks (61 MiB) ran at 0.39 G pairs/s and 16-row blocks at 1.39 (BUILD_NOTES.md).
+_BLOCK_ENTRIES = 1 << 20
 # 256-row chunks measured fastest on a 2-core CPU (SPEC §2); larger chunks buy nothing there.
 _DEFAULT_ROWS = 256
 
 
 def default_chunk_size(n: int, m: int) -> int:
-  """Rows of ``x`` per block: 256, fewer when ``m`` is so large that a block passes 64 MiB."""
+  """Rows of ``x`` per block: 256, fewer when ``m`` is so large that a block passes 4 MiB."""
   rows = min(_DEFAULT_ROWS, max(8, _BLOCK_ENTRIES // max(m, 1)))
   return max(1, min(rows, n))
 
