@@ -3,7 +3,8 @@
 Data go to the device once; each step is one call of the jitted step built by
 :func:`gsae_jax.training.gsae.make_train_step`; metrics come to the host only at log steps.
 Everything lands in ``workdir``: ``config.json``, ``metrics.jsonl`` (one line per evaluation),
-``metrics.json`` (final), ``latents.png``, ``curves.png`` and a checkpoint after every
+``metrics.json`` (final), ``latents.png``, ``samples.png``, ``reconstructions.png``,
+``curves.png`` and a checkpoint after every
 evaluation (and on Ctrl-C) from which a rerun resumes.
 """
 
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gsae_jax import checkpointing, metrics, plotting, priors
+from gsae_jax import checkpointing, metrics, plotting
 from gsae_jax.data import load_dataset
 from gsae_jax.models import ARCHS, make_autoencoder
 from gsae_jax.training.gsae import (
@@ -161,6 +162,11 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, floa
 
   encode_fn, decode_fn = make_eval_fns(model, gcfg.encode_chunk)
   test_images = jnp.asarray(data.test_images)
+  # Fixed figure inputs: 10 prior samples per petal, and 2 test images per digit (or fewer).
+  petal_z = jnp.asarray(plotting.petal_latents(jax.random.fold_in(k_eval, 1)))
+  recon_idx = np.concatenate(
+    [np.flatnonzero(np.asarray(data.test_labels) == c)[:2] for c in range(10)]
+  )[:20]
 
   def evaluate(train_metrics):
     z = encode_fn(state.params["encoder"], test_images)
@@ -171,13 +177,15 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, floa
     records.append(rec)
     with open(workdir / "metrics.jsonl", "a") as f:
       f.write(json.dumps(rec) + "\n")
-    prior_sample = priors.flower(k_eval, min(z.shape[0], 5000))
-    plotting.plot_latents(
-      workdir / "latents.png",
-      z,
-      data.test_labels,
-      prior_sample,
-      title=f"{config.variant} {config.arch}, step {int(state.step)}",
+    title = f"{config.variant} {config.arch}, step {int(state.step)}"
+    plotting.plot_latents(workdir / "latents.png", z, data.test_labels, title=title)
+    samples = decode_fn(state.params["decoder"], petal_z)
+    plotting.plot_samples(workdir / "samples.png", samples, title=f"{title}: one row per petal")
+    plotting.plot_reconstructions(
+      workdir / "reconstructions.png",
+      test_images[recon_idx],
+      recon[recon_idx],
+      title=f"{title}: test reconstructions",
     )
     plotting.plot_curves(workdir / "curves.png", records)
     save()
