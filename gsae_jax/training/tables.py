@@ -219,12 +219,13 @@ def write_report(
   if failed:
     lines += ["", "Failed runs:", ""] + [f"- `{r.name}`: {r.error}" for r in failed]
   lines += ["", "## Figures (first seed of each group)", ""]
-  seen = set()
+  seen, firsts = set(), []
   for r in results:
     key = (r.variant, r.lam)
     if key in seen or r.metrics is None:
       continue
     seen.add(key)
+    firsts.append(r)
     lines += [f"**{r.variant}, λ = {r.lam:g}** (`{r.name}`)", ""]
     figs = [
       f
@@ -232,7 +233,30 @@ def write_report(
       if (workdir / r.name / f"{f}.png").is_file()
     ]
     lines += [" ".join(f"![{r.name} {f}]({r.name}/{f}.png)" for f in figs), ""]
+  if _side_by_side(workdir, [r.name for r in firsts], "latents_side_by_side.png"):
+    lines[lines.index("## Figures (first seed of each group)") + 2 : 0] = [
+      "![latents side by side](latents_side_by_side.png)",
+      "",
+    ]
   (workdir / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def _side_by_side(workdir: pathlib.Path, names: Sequence[str], out: str) -> bool:
+  """Writes the runs' ``latents.png`` next to each other into ``workdir/out``, if all exist."""
+  paths = [workdir / n / "latents.png" for n in names]
+  if not paths or not all(p.is_file() for p in paths):
+    return False
+  from gsae_jax import plotting  # matplotlib with the Agg backend
+
+  plt = plotting.plt
+  fig, axes = plt.subplots(1, len(paths), figsize=(4.5 * len(paths), 4.6), dpi=100, squeeze=False)
+  for ax, path in zip(axes[0], paths, strict=True):
+    ax.imshow(plt.imread(path))
+    ax.axis("off")
+  fig.tight_layout()
+  fig.savefig(workdir / out)
+  plt.close(fig)
+  return True
 
 
 def _variant_table(summary, paper) -> list[str]:
