@@ -52,6 +52,17 @@ def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
   return resource.getrusage(who).ru_maxrss / 1024.0
 
 
+def vm_hwm_mb(pid: int) -> float | None:
+  """Peak RSS (VmHWM) of a live process in MiB, from ``/proc``; ``None`` if unreadable."""
+  try:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 1024.0
+  except OSError:
+    return None
+  return None
+
+
 def env_info() -> dict[str, Any]:
   """Machine and library facts worth recording next to a timing."""
   return {

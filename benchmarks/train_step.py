@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import common
 from benchmarks.common import env_info, markdown_table, peak_rss_mb
 
 VARIANTS = ("local", "minibatch_global", "full_global")
@@ -79,17 +80,6 @@ def run_one(
   }
 
 
-def _vm_hwm_mb(pid: int) -> float | None:
-  """Peak RSS (VmHWM) of a live process in MiB, from ``/proc``; ``None`` if unreadable."""
-  try:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-      if line.startswith("VmHWM:"):
-        return int(line.split()[1]) / 1024.0
-  except OSError:
-    return None
-  return None
-
-
 def run_subprocess(cmd: list[str], timeout_s: float | None) -> tuple[dict | None, float | None]:
   """Runs ``cmd`` (a ``--one`` config), polling its peak RSS; kills it after ``timeout_s``.
 
@@ -99,7 +89,7 @@ def run_subprocess(cmd: list[str], timeout_s: float | None) -> tuple[dict | None
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   t0, peak = time.time(), None
   while proc.poll() is None:
-    peak = _vm_hwm_mb(proc.pid) or peak
+    peak = common.vm_hwm_mb(proc.pid) or peak
     if timeout_s is not None and time.time() - t0 > timeout_s:
       proc.kill()
       proc.communicate()
