@@ -250,7 +250,7 @@ def sinkhorn_divergence(
     tol: optional marginal-violation tolerance for extra iterations at the final ε.
     max_iter: cap on those extra iterations (static).
     grad: ``"envelope"`` or ``"unroll"``.
-    chunk_size: rows per softmin block (static); default 256 (fewer for huge clouds).
+    chunk_size: rows per softmin block (static); default 256 rows, fewer once a block passes 4 MiB.
     diameter: optional fixed diameter ``D`` instead of the bounding box (static float).
     static_b: skip the target's self-term ``OT_ε(β, β)`` (as ott-jax's ``static_b``) and
       return ``OT_ε(α, β) − ½ OT_ε(α, α) = S_ε + ½ OT_ε(β, β)``: the same gradient in ``x``
