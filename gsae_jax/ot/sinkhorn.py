@@ -170,6 +170,32 @@ def _div_step(st: _DivState, eps, x, y, la, lb, chunk, static_b=False):
   return new, viol
 
 
+def _tol_step(st: _DivState, eps, x, y, la, lb, chunk, static_b=False):
+  """One update at the final ε past the schedule: alternating for the cross pair.
+
+  ``f_ba ← softmin(g_ab)`` then ``g_ab ← softmin(f_ba)`` (Gauss–Seidel, as in ott-jax and the
+  fixed-ε :func:`sinkhorn`) converges in far fewer steps than the averaged simultaneous update
+  of :func:`_div_step` once ε is small; the symmetric self-terms keep the averaged update.
+  Returns the new state and the largest L1 marginal violation (for the cross pair, of the plan
+  ``(f_ba_new, g_ab_old)`` on ``b``'s side; its ``a`` side is exact).
+  """
+  f_ba = softmin(x, y, lb + st.g_ab / eps, eps, chunk)
+  g_ab = softmin(y, x, la + f_ba / eps, eps, chunk)
+  ft_aa = softmin(x, x, la + st.f_aa / eps, eps, chunk)
+  gt_bb = _self_softmin(static_b, st.g_bb, y, y, lb + st.g_bb / eps, eps, chunk)
+  viol = jnp.max(
+    jnp.stack(
+      [
+        _mass_violation(lb, st.g_ab, g_ab, eps),
+        _mass_violation(la, st.f_aa, ft_aa, eps),
+        _mass_violation(lb, st.g_bb, gt_bb, eps),  # 0 when static_b
+      ]
+    )
+  )
+  new = _DivState(f_ba, g_ab, 0.5 * (st.f_aa + ft_aa), 0.5 * (st.g_bb + gt_bb))
+  return new, viol
+
+
 def _div_init(eps0, x, y, la, lb, chunk, static_b=False) -> _DivState:
   # GeomLoss starts from g = 0, f = 0 (true potentials), i.e. ĝ = −½‖y‖², f̂ = −½‖x‖².
   hx = la - 0.5 * jnp.sum(x * x, axis=1) / eps0
@@ -228,8 +254,13 @@ def sinkhorn_divergence(
 
   With ``tol``, iterations continue at ``ε = blur²`` until the largest L1 marginal violation of
   the three transport plans is below ``tol`` (or ``max_iter`` more steps ran): the converged
-  divergence, as ott-jax computes it. Every softmin is chunked (:mod:`gsae_jax.ot.softmin`):
-  memory ``O((n + m)·d + chunk·max(n, m))``, never an ``[n, m]`` matrix.
+  divergence, as ott-jax computes it. These extra steps update the cross pair alternately
+  (``f_ba`` then ``g_ab``, Gauss–Seidel), which at small ε needs about half the steps of the
+  averaged update (n = 1000, blur 0.05: S within 1e-5 of the float64 value after 3000 steps,
+  against 1e-3 averaged; ``python -m benchmarks.sinkhorn``).
+
+  Every softmin is chunked (:mod:`gsae_jax.ot.softmin`): memory
+  ``O((n + m)·d + chunk·max(n, m))``, never an ``[n, m]`` matrix.
 
   Gradients:
     * ``"envelope"`` (default): the loop runs under ``stop_gradient`` (a ``lax.while_loop``,
@@ -357,10 +388,18 @@ def _anneal_while(x, y, la, lb, diam, n_mid, blur, scaling, tol, max_iter, chunk
     st, viol = _div_step(st, eps, x, y, la, lb, chunk, static_b)
     return k + 1, st, viol
 
+  def tol_body(carry):
+    k, st, _ = carry
+    eps = jnp.asarray(blur**2, x.dtype)
+    st, viol = _tol_step(st, eps, x, y, la, lb, chunk, static_b)
+    return k + 1, st, viol
+
   st0 = _div_init(diam**2, x, y, la, lb, chunk, static_b)
   inf = jnp.asarray(jnp.inf, x.dtype)
-  _, st, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), st0, inf))
-  return st
+  carry = jax.lax.while_loop(lambda c: c[0] < n_sched, body, (jnp.int32(0), st0, inf))
+  if tol is not None:
+    carry = jax.lax.while_loop(cond, tol_body, carry)
+  return carry[1]
 
 
 def _anneal_scan(x, y, la, lb, diam, n_mid, blur, scaling, tol, max_iter, chunk, static_b, n_steps):
@@ -379,7 +418,7 @@ def _anneal_scan(x, y, la, lb, diam, n_mid, blur, scaling, tol, max_iter, chunk,
 
     def tol_step(carry, _):
       st, viol = carry
-      run = lambda s: _div_step(s, eps, x, y, la, lb, chunk, static_b)
+      run = lambda s: _tol_step(s, eps, x, y, la, lb, chunk, static_b)
       keep = lambda s: (s, viol)
       return jax.lax.cond(viol > tol, run, keep, st), None
 
