@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from gsae_jax.ot import epsilon_schedule, sinkhorn_divergence
+from gsae_jax.ot import epsilon_schedule, sinkhorn, sinkhorn_divergence
 from tests.conftest import flower_numpy
 
 GOLDEN = pathlib.Path(__file__).parent / "data" / "geomloss_golden.npz"
@@ -156,6 +156,22 @@ def test_jit_traced_points_and_unroll_bound():
   np.testing.assert_allclose(jax.jit(sinkhorn_divergence)(x, y), eager, rtol=1e-6)
   unroll = jax.jit(lambda x, y: sinkhorn_divergence(x, y, grad="unroll"))(x, y)
   np.testing.assert_allclose(unroll, eager, rtol=1e-6)
+
+
+@pytest.mark.parametrize("grad", ["envelope", "unroll"])
+def test_jit_with_closed_over_concrete_arrays(grad):
+  # y and b are constants of the trace: their value checks must not stage jnp ops.
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(50, 2)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(60, 2)), jnp.float32)
+  b = jnp.asarray(rng.dirichlet(np.ones(60)), jnp.float32)
+  eager = sinkhorn_divergence(x, y, None, b, grad=grad)
+  f = jax.jit(jax.value_and_grad(lambda x: sinkhorn_divergence(x, y, None, b, grad=grad)))
+  value, gx = f(x)
+  np.testing.assert_allclose(value, eager, rtol=1e-5)
+  assert gx.shape == x.shape and np.all(np.isfinite(gx))
+  fixed = jax.jit(lambda x: sinkhorn(x, y, None, b, epsilon=jnp.float32(0.5)).reg_ot_cost)(x)
+  np.testing.assert_allclose(fixed, sinkhorn(x, y, None, b, epsilon=0.5).reg_ot_cost, rtol=1e-5)
 
 
 def test_chunk_size_does_not_change_result():

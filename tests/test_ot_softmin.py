@@ -43,6 +43,23 @@ def test_minus_inf_weights_are_ignored(x64):
   )
 
 
+
+def test_vjp_with_minus_inf_weights(x64):
+  # Masked columns get zero gradient; the rest matches the dense softmin of the kept columns.
+  x, y, h = _data(seed=5)
+  h_masked = h.copy()
+  h_masked[10:] = -np.inf
+  w = np.random.default_rng(6).normal(size=x.shape[0])
+  ours = jax.grad(lambda *a: jnp.sum(w * softmin(*a, 32)), argnums=(0, 1, 2, 3))
+  ref = jax.grad(lambda *a: jnp.sum(w * _dense(*a)), argnums=(0, 1, 2, 3))
+  gx, gy, gh, ge = ours(x, y, h_masked, 0.5)
+  rx, ry, rh, re = ref(x, y[:10], h[:10], 0.5)
+  np.testing.assert_allclose(gx, rx, rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(gy[:10], ry, rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(gh[:10], rh, rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(ge, re, rtol=1e-9)
+  assert not np.any(gy[10:]) and not np.any(gh[10:])
+
 def test_softmin_with_mean(x64):
   x, y, h = _data(seed=5)
   feats = np.random.default_rng(6).normal(size=(y.shape[0], 4))

@@ -28,6 +28,12 @@ def _is_concrete(*arrays) -> bool:
   return not any(isinstance(a, jax.core.Tracer) for a in arrays)
 
 
+def _host(a) -> np.ndarray:
+  # Value checks run in numpy: inside a jit trace even jnp ops on a concrete (closed-over)
+  # array are staged, and `bool()` of their result would raise.
+  return np.asarray(a)
+
+
 def _check_cloud(name: str, pts) -> jax.Array:
   pts = jnp.asarray(pts)
   if pts.ndim != 2:
@@ -36,7 +42,7 @@ def _check_cloud(name: str, pts) -> jax.Array:
     raise ValueError(f"`{name}` must hold at least one point of dimension >= 1, got {pts.shape}.")
   if not jnp.issubdtype(pts.dtype, jnp.floating):
     pts = pts.astype(jnp.float32)
-  if _is_concrete(pts) and not bool(jnp.all(jnp.isfinite(pts))):
+  if _is_concrete(pts) and not np.all(np.isfinite(_host(pts))):
     raise ValueError(f"`{name}` contains NaN or inf coordinates.")
   return pts
 
@@ -48,9 +54,10 @@ def _check_weights(name: str, w, n: int, dtype) -> jax.Array:
   if w.shape != (n,):
     raise ValueError(f"`{name}` must be a [{n}] weight vector matching its cloud, got {w.shape}.")
   if _is_concrete(w):
-    if not bool(jnp.all(jnp.isfinite(w))) or bool(jnp.any(w < 0)):
+    w_host = _host(w)
+    if not np.all(np.isfinite(w_host)) or np.any(w_host < 0):
       raise ValueError(f"`{name}` must be finite and non-negative.")
-    if not float(jnp.sum(w)) > 0:
+    if not float(np.sum(w_host)) > 0:
       raise ValueError(f"`{name}` sums to zero: it cannot be normalised to a probability.")
   return w
 
@@ -306,7 +313,11 @@ def sinkhorn_divergence(
     if diameter is not None:
       n_steps = len(epsilon_schedule(diameter, blur, scaling))
     elif _is_concrete(x, y):
-      n_steps = len(epsilon_schedule(float(bounding_box_diameter(x, y)), blur, scaling))
+      xh, yh = _host(x), _host(y)
+      lo = np.minimum(xh.min(axis=0), yh.min(axis=0))
+      diam = float(np.linalg.norm(np.maximum(xh.max(axis=0), yh.max(axis=0)) - lo, ord=2))
+      # A hair wider than the in-graph float32 diameter: the scan is a bound (idle steps skip).
+      n_steps = len(epsilon_schedule(diam * (1 + 1e-6), blur, scaling))
     else:
       n_steps = len(epsilon_schedule(_UNROLL_DIAMETER_BOUND * blur, blur, scaling))
   return _divergence(
@@ -482,7 +493,7 @@ def sinkhorn(
     A :class:`SinkhornOutput`.
   """
   x, y, a, b = validate_inputs(x, y, a, b)
-  if _is_concrete(epsilon) and not float(epsilon) > 0:
+  if _is_concrete(epsilon) and not float(_host(epsilon)) > 0:
     raise ValueError(f"`epsilon` must be positive, got {epsilon!r}.")
   if not tol > 0:
     raise ValueError(f"`tol` must be positive, got {tol!r}.")

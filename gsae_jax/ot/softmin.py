@@ -45,8 +45,8 @@ def _pad_rows(a: jax.Array, chunk: int) -> tuple[jax.Array, int]:
 
 # Up to this dimension the [c, m] logits are built by broadcast multiply-adds that XLA fuses
 # with the max/exp; a matmul with an inner size of 2 was slower on CPU. The backward keeps
-# matmuls (P y, Pᵀ w): there the broadcast form was slower and held 3x the temporaries
-# (BUILD_NOTES.md, "Softmin kernel").
+# matmuls (P y, P w): there the broadcast form was slower (BUILD_NOTES.md, "Softmin
+# throughput").
 _BROADCAST_MAX_DIM = 4
 
 
@@ -91,31 +91,46 @@ def _softmin_fwd(x, y, h, eps, chunk):
 
 
 def _softmin_bwd(chunk, res, ct):
-  # With P_ij = softmax_j(h_j + <x_i, y_j>/eps) and out_i = -eps * LSE_i:
-  #   d out_i / d x_i = -(P y)_i,   d out_i / d y_j = -P_ij x_i,   d out_i / d h_j = -eps P_ij,
-  #   d out_i / d eps = (out_i + <x_i, (P y)_i>) / eps.
+  # With P_ij = softmax_j(h_j + <x_i, y_j>/eps) = exp(h_j + <x_i, y_j>/eps - LSE_i), out_i =
+  # -eps * LSE_i and cotangent c_i:
+  #   d/dx_i = -c_i (P y)_i,   d/dy_j = -Σ_i P_ij c_i x_i,   d/dh_j = -eps Σ_i P_ij c_i,
+  #   d/deps = Σ_i c_i (out_i + <x_i, (P y)_i>) / eps.
+  # Two passes that both reduce along the rows of their blocks: over row blocks of x for
+  # (dx, deps), then over row blocks of y for (dy, dh), with the roles of x and y swapped and
+  # -LSE_i as the column offset. This recomputes the exponentials twice, yet one pass that
+  # accumulated Pᵀ w over row blocks of x in a scan carry was 2.4x slower at n = m = 16 384 on
+  # CPU (BUILD_NOTES.md, "Softmin throughput").
   x, y, h, eps, lse = res
   inv_eps = 1.0 / eps
-  xs, n = _pad_rows(x, chunk)
+  n, m = x.shape[0], y.shape[0]
+  xs, _ = _pad_rows(x, chunk)
   cts, _ = _pad_rows(ct, chunk)
   lses, _ = _pad_rows(lse, chunk)
 
-  def block(acc, inputs):
+  def row_block(inputs):
     xc, ctc, lsec = inputs
-    s = _block_logits(xc, y, h, inv_eps)
-    p = jnp.exp(s - lsec[:, None])
+    p = jnp.exp(_block_logits(xc, y, h, inv_eps) - lsec[:, None])
     py = p @ y  # [c, d]
-    outc = -eps * lsec
     dx = -ctc[:, None] * py
-    w = ctc[:, None] * jnp.concatenate([xc, jnp.full_like(xc[:, :1], eps)], axis=1)
-    acc = acc - p.T @ w  # [m, d + 1]: (dy, dh)
-    deps = jnp.sum(ctc * (outc + jnp.sum(xc * py, axis=1))) * inv_eps
-    return acc, (dx, deps)
+    deps = jnp.sum(ctc * (-eps * lsec + jnp.sum(xc * py, axis=1)))
+    return dx, deps
 
-  acc0 = jnp.zeros((y.shape[0], y.shape[1] + 1), y.dtype)
-  acc, (dx, deps) = jax.lax.scan(block, acc0, (xs, cts, lses))
+  dx, deps = jax.lax.map(row_block, (xs, cts, lses))
+  neg_lse = jnp.where(jnp.isfinite(lse), -lse, -jnp.inf)  # an empty row (all h = -inf): P = 0
+
+  col_chunk = max(1, min(chunk, default_chunk_size(m, n)))
+  ys, _ = _pad_rows(y, col_chunk)
+  hs, _ = _pad_rows(h, col_chunk)
+  w = ct[:, None] * jnp.concatenate([x, jnp.full_like(x[:, :1], eps)], axis=1)  # [n, d + 1]
+
+  def col_block(inputs):
+    yc, hc = inputs
+    p = jnp.exp(_block_logits(yc, x, neg_lse, inv_eps) + hc[:, None])  # [c, n] = Pᵀ rows
+    return -(p @ w)  # (dy, dh)
+
+  acc = jax.lax.map(col_block, (ys, hs)).reshape(-1, w.shape[1])[:m]
   dx = dx.reshape(-1, x.shape[1])[:n]
-  return dx, acc[:, :-1], acc[:, -1], jnp.sum(deps).astype(jnp.result_type(eps))
+  return dx, acc[:, :-1], acc[:, -1], (jnp.sum(deps) * inv_eps).astype(jnp.result_type(eps))
 
 
 _softmin.defvjp(_softmin_fwd, _softmin_bwd)
