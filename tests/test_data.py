@@ -242,3 +242,14 @@ def test_tfds_missing_says_how_to_install(monkeypatch):
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes the import fail
   with pytest.raises(ImportError, match=r"pip install 'gsae-jax\[tfds\]'"):
     data.load_dataset("tfds:mnist")
+
+
+def test_tfds_unprepared_offline_gives_clear_error(monkeypatch):
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  def no_network(name, split):
+    raise ModuleNotFoundError("No module named 'importlib_resources'")  # seen offline here
+
+  monkeypatch.setattr(tfds, "data_source", no_network)
+  with pytest.raises(RuntimeError, match=r"TFDS 'mnist' split 'train'.*Offline, use 'mnist5k'"):
+    data.load_dataset("tfds:mnist")

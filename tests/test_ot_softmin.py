@@ -43,7 +43,6 @@ def test_minus_inf_weights_are_ignored(x64):
   )
 
 
-
 def test_vjp_with_minus_inf_weights(x64):
   # Masked columns get zero gradient; the rest matches the dense softmin of the kept columns.
   x, y, h = _data(seed=5)
@@ -59,6 +58,7 @@ def test_vjp_with_minus_inf_weights(x64):
   np.testing.assert_allclose(gh[:10], rh, rtol=1e-9, atol=1e-12)
   np.testing.assert_allclose(ge, re, rtol=1e-9)
   assert not np.any(gy[10:]) and not np.any(gh[10:])
+
 
 def test_softmin_with_mean(x64):
   x, y, h = _data(seed=5)

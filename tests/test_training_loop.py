@@ -75,6 +75,10 @@ def test_config_mismatch_on_resume_is_an_error(tmp_path):
     ({"epochs": 0}, "epochs"),
     ({"recalculate_freq": 0}, "recalculate_freq"),
     ({"lam": -1.0}, "lam"),
+    ({"lam": float("nan")}, "lam"),
+    ({"blur": -1.0}, "blur"),
+    ({"blur": float("inf")}, "blur"),
+    ({"scaling": 1.0}, "scaling"),
   ],
 )
 def test_bad_config_raises(kwargs, match):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -80,8 +81,12 @@ class GSAEConfig:
     for name in ("batch_size", "recalculate_freq", "resample_freq", "encode_chunk"):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
-    if not self.lam >= 0:
-      raise ValueError(f"`lam` must be non-negative, got {self.lam!r}.")
+    if not (self.lam >= 0 and math.isfinite(self.lam)):
+      raise ValueError(f"`lam` must be a non-negative finite number, got {self.lam!r}.")
+    if not (self.blur > 0 and math.isfinite(self.blur)):
+      raise ValueError(f"`blur` must be a positive finite number, got {self.blur!r}.")
+    if not 0 < self.scaling < 1:
+      raise ValueError(f"`scaling` must lie strictly between 0 and 1, got {self.scaling!r}.")
 
 
 class TrainState(NamedTuple):
