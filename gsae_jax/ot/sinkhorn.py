@@ -177,30 +177,41 @@ def _div_step(st: _DivState, eps, x, y, la, lb, chunk, static_b=False):
   return new, viol
 
 
-def _tol_step(st: _DivState, eps, x, y, la, lb, chunk, static_b=False):
+def _tol_step(st: _DivState, viols, eps, tol, x, y, la, lb, chunk, static_b=False):
   """One update at the final ε past the schedule: alternating for the cross pair.
 
   ``f_ba ← softmin(g_ab)`` then ``g_ab ← softmin(f_ba)`` (Gauss–Seidel, as in ott-jax and the
   fixed-ε :func:`sinkhorn`) converges in far fewer steps than the averaged simultaneous update
-  of :func:`_div_step` once ε is small; the symmetric self-terms keep the averaged update.
-  Returns the new state and the largest L1 marginal violation (for the cross pair, of the plan
-  ``(f_ba_new, g_ab_old)`` on ``b``'s side; its ``a`` side is exact).
+  of :func:`_div_step` once ε is small; the symmetric self-terms keep the averaged update, and
+  each stops (``lax.cond``) once its own violation is within ``tol``: they do not depend on the
+  cross pair, and they converge in far fewer steps, so the long tail runs 2 softmins per step,
+  not 4, as ott-jax's three separate solves do.
+
+  ``viols`` is ``[3]``: the last L1 marginal violations of the cross pair (of the plan
+  ``(f_ba_new, g_ab_old)`` on ``b``'s side; its ``a`` side is exact), ``aa`` and ``bb``.
+  Returns the new state and the new ``viols``.
   """
   f_ba = softmin(x, y, lb + st.g_ab / eps, eps, chunk)
   g_ab = softmin(y, x, la + f_ba / eps, eps, chunk)
-  ft_aa = softmin(x, x, la + st.f_aa / eps, eps, chunk)
-  gt_bb = _self_softmin(static_b, st.g_bb, y, y, lb + st.g_bb / eps, eps, chunk)
-  viol = jnp.max(
-    jnp.stack(
-      [
-        _mass_violation(lb, st.g_ab, g_ab, eps),
-        _mass_violation(la, st.f_aa, ft_aa, eps),
-        _mass_violation(lb, st.g_bb, gt_bb, eps),  # 0 when static_b
-      ]
-    )
+  v_ab = _mass_violation(lb, st.g_ab, g_ab, eps)
+
+  def self_update(pts, lw, pot):
+    def run(_):
+      new = softmin(pts, pts, lw + pot / eps, eps, chunk)
+      return 0.5 * (pot + new), _mass_violation(lw, pot, new, eps)
+
+    return run
+
+  f_aa, v_aa = jax.lax.cond(
+    viols[1] > tol, self_update(x, la, st.f_aa), lambda _: (st.f_aa, viols[1]), None
   )
-  new = _DivState(f_ba, g_ab, 0.5 * (st.f_aa + ft_aa), 0.5 * (st.g_bb + gt_bb))
-  return new, viol
+  if static_b:
+    g_bb, v_bb = st.g_bb, jnp.zeros_like(v_ab)
+  else:
+    g_bb, v_bb = jax.lax.cond(
+      viols[2] > tol, self_update(y, lb, st.g_bb), lambda _: (st.g_bb, viols[2]), None
+    )
+  return _DivState(f_ba, g_ab, f_aa, g_bb), jnp.stack([v_ab, v_aa, v_bb])
 
 
 def _div_init(eps0, x, y, la, lb, chunk, static_b=False) -> _DivState:
@@ -264,7 +275,9 @@ def sinkhorn_divergence(
   divergence, as ott-jax computes it. These extra steps update the cross pair alternately
   (``f_ba`` then ``g_ab``, Gauss–Seidel), which at small ε needs about half the steps of the
   averaged update (n = 1000, blur 0.05: S within 1e-5 of the float64 value after 3000 steps,
-  against 1e-3 averaged; ``python -m benchmarks.sinkhorn``).
+  against 1e-3 averaged; ``python -m benchmarks.sinkhorn``); the self-terms, which converge
+  much sooner, stop updating once their own violation is within ``tol`` (2.0–2.2× faster
+  value + gradient at n = 1000, d = 2 and 10, tol 1e-3).
 
   Every softmin is chunked (:mod:`gsae_jax.ot.softmin`): memory
   ``O((n + m)·d + chunk·max(n, m))``, never an ``[n, m]`` matrix.
@@ -388,10 +401,10 @@ def _anneal_while(x, y, la, lb, diam, n_mid, blur, scaling, tol, max_iter, chunk
   n_total = n_sched + (max_iter if tol is not None else 0)
   tol_ = jnp.asarray(-1.0 if tol is None else tol, x.dtype)
 
-  def cond(carry):
-    k, _, viol = carry
-    # Always run the schedule; past it, only while the marginals are off.
-    return (k < n_sched) | ((k < n_total) & (viol > tol_))
+  def tol_cond(carry):
+    # Past the schedule, only while some marginal is off.
+    k, _, viols = carry
+    return (k < n_total) & (jnp.max(viols) > tol_)
 
   def body(carry):
     k, st, _ = carry
@@ -400,16 +413,17 @@ def _anneal_while(x, y, la, lb, diam, n_mid, blur, scaling, tol, max_iter, chunk
     return k + 1, st, viol
 
   def tol_body(carry):
-    k, st, _ = carry
+    k, st, viols = carry
     eps = jnp.asarray(blur**2, x.dtype)
-    st, viol = _tol_step(st, eps, x, y, la, lb, chunk, static_b)
-    return k + 1, st, viol
+    st, viols = _tol_step(st, viols, eps, tol_, x, y, la, lb, chunk, static_b)
+    return k + 1, st, viols
 
   st0 = _div_init(diam**2, x, y, la, lb, chunk, static_b)
   inf = jnp.asarray(jnp.inf, x.dtype)
   carry = jax.lax.while_loop(lambda c: c[0] < n_sched, body, (jnp.int32(0), st0, inf))
   if tol is not None:
-    carry = jax.lax.while_loop(cond, tol_body, carry)
+    k, st, _ = carry
+    carry = jax.lax.while_loop(tol_cond, tol_body, (k, st, jnp.full((3,), inf)))
   return carry[1]
 
 
@@ -427,14 +441,15 @@ def _anneal_scan(x, y, la, lb, diam, n_mid, blur, scaling, tol, max_iter, chunk,
   if tol is not None:
     eps = jnp.asarray(blur**2, x.dtype)
 
+    tol_ = jnp.asarray(tol, x.dtype)
+
     def tol_step(carry, _):
-      st, viol = carry
-      run = lambda s: _tol_step(s, eps, x, y, la, lb, chunk, static_b)
-      keep = lambda s: (s, viol)
-      return jax.lax.cond(viol > tol, run, keep, st), None
+      st, viols = carry
+      run = lambda c: _tol_step(*c, eps, tol_, x, y, la, lb, chunk, static_b)
+      return jax.lax.cond(jnp.max(viols) > tol_, run, lambda c: c, (st, viols)), None
 
     inf = jnp.asarray(jnp.inf, x.dtype)
-    (st, _), _ = jax.lax.scan(tol_step, (st, inf), None, length=max_iter)
+    (st, _), _ = jax.lax.scan(tol_step, (st, jnp.full((3,), inf)), None, length=max_iter)
   return st
 
 
