@@ -60,6 +60,23 @@ def test_vjp_with_minus_inf_weights(x64):
   assert not np.any(gy[10:]) and not np.any(gh[10:])
 
 
+@pytest.mark.parametrize("d", [2, 10])
+def test_wide_rows_two_stage_lse_matches_dense(x64, d):
+  # m > 32 768 takes the column-tiled forward (3 tiles, the last one padded); d = 10 its matmul
+  # branch. The whole first tile is masked, so its tile LSE is −inf.
+  x, y, h = _data(n=20, m=2 * 32768 + 5, d=d, seed=7)
+  y *= 0.3
+  h_masked = h.copy()
+  h_masked[:30000] = -np.inf
+  w = np.random.default_rng(8).normal(size=x.shape[0])
+  for hh in (h, h_masked):
+    np.testing.assert_allclose(softmin(x, y, hh, 0.2, 8), _dense(x, y, hh, 0.2), rtol=1e-12)
+  ours = jax.grad(lambda *a: jnp.sum(w * softmin(*a, 8)), argnums=(0, 1, 2, 3))
+  ref = jax.grad(lambda *a: jnp.sum(w * _dense(*a)), argnums=(0, 1, 2, 3))
+  for g, r in zip(ours(x, y, h_masked, 0.2), ref(x, y, h_masked, 0.2), strict=True):
+    np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-12)
+
+
 def test_softmin_with_mean(x64):
   x, y, h = _data(seed=5)
   feats = np.random.default_rng(6).normal(size=(y.shape[0], 4))

@@ -27,6 +27,11 @@ import jax.numpy as jnp
 _BLOCK_ENTRIES = 1 << 20
 # 256-row chunks measured fastest on a 2-core CPU (SPEC §2); larger chunks buy nothing there.
 _DEFAULT_ROWS = 256
+# XLA's CPU backend shares a [rows, m] max/exp-sum reduction between both cores up to m = 32 768
+# columns and runs it on one core beyond (n = 4 096, d = 2: 2.75 G pairs/s at m = 32 768, 1.53 at
+# 49 152 and 65 536, and 1.5 at every m pinned to one core). The forward therefore reduces wider
+# rows in two stages over equal column tiles of at most this width (BUILD_NOTES.md).
+_MAX_TILE = 1 << 15
 
 
 def default_chunk_size(n: int, m: int) -> int:
@@ -51,13 +56,14 @@ _BROADCAST_MAX_DIM = 4
 
 
 def _block_logits(xc: jax.Array, y: jax.Array, h: jax.Array, inv_eps: jax.Array) -> jax.Array:
-  # [c, m] = h_j + <x_i, y_j> / eps, with the scale applied to the small [c, d] side.
+  # [c, *h.shape] = h_j + <x_i, y_j> / eps for columns y [m, d] (h [m]) or column tiles
+  # y [T, t, d] (h [T, t]), with the scale applied to the small [c, d] side.
   xs = xc * inv_eps
   if xc.shape[1] > _BROADCAST_MAX_DIM:
-    return h[None, :] + xs @ y.T
-  s = h[None, :]
+    return h[None] + (xs @ y.T if y.ndim == 2 else jnp.einsum("cd,Ttd->cTt", xs, y))
+  s = h[None]
   for k in range(xc.shape[1]):
-    s = s + xs[:, k : k + 1] * y[None, :, k]
+    s = s + xs[:, k].reshape((-1,) + (1,) * h.ndim) * y[None, ..., k]
   return s
 
 
@@ -66,13 +72,37 @@ def _safe_max(s: jax.Array) -> jax.Array:
   return jnp.where(jnp.isfinite(mx), mx, 0.0)
 
 
+def _lse_last(s: jax.Array) -> jax.Array:
+  mx = jnp.max(s, axis=-1)
+  mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+  return mx + jnp.log(jnp.sum(jnp.exp(s - mx[..., None]), axis=-1))
+
+
+def _column_tiles(y: jax.Array, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``[m, d], [m] -> [T, t, d], [T, t]``: equal tiles of ``t <= _MAX_TILE`` columns, padded
+  with ``h = −inf`` (zero weight) columns."""
+  m, d = y.shape
+  n_tiles = -(-m // _MAX_TILE)
+  tile = -(-m // n_tiles)
+  pad = n_tiles * tile - m
+  y = jnp.concatenate([y, jnp.zeros((pad, d), y.dtype)])
+  h = jnp.concatenate([h, jnp.full((pad,), -jnp.inf, h.dtype)])
+  return y.reshape(n_tiles, tile, d), h.reshape(n_tiles, tile)
+
+
 def _lse_rows(x, y, h, eps, chunk):
   inv_eps = 1.0 / eps
+  if y.shape[0] <= _MAX_TILE:
 
-  def block(xc):
-    s = _block_logits(xc, y, h, inv_eps)
-    mx = _safe_max(s)
-    return mx + jnp.log(jnp.sum(jnp.exp(s - mx[:, None]), axis=1))
+    def block(xc):
+      return _lse_last(_block_logits(xc, y, h, inv_eps))
+
+  else:
+    yt, ht = _column_tiles(y, h)
+
+    def block(xc):
+      # [c, T, t] logits in one fusion, LSE over each tile, then over the T tiles.
+      return _lse_last(_lse_last(_block_logits(xc, yt, ht, inv_eps)))
 
   xs, n = _pad_rows(x, chunk)
   return jax.lax.map(block, xs).reshape(-1)[:n]
@@ -148,7 +178,9 @@ def softmin(
   With ``h_j = log b_j + ĝ_j / ε`` (``ĝ = g − ½‖y‖²``) this returns ``f̂ = f − ½‖x‖²`` where
   ``f = softmin_ε(C, log b + g/ε)`` for ``C = ½‖x − y‖²`` (GeomLoss convention, Feydy et al.
   2019; the norm folding follows FlashSinkhorn). Differentiable in ``x, y, h, ε`` through a
-  custom VJP that recomputes each block, so no ``[n, m]`` array exists in either pass.
+  custom VJP that recomputes each block, so no ``[n, m]`` array exists in either pass. For
+  ``m > 32 768`` the forward reduces each row in two stages over equal column tiles (a
+  log-sum-exp per tile, then over tiles), which keeps both cores of a CPU busy.
 
   Args:
     x: ``[n, d]`` points on which the output lives.
