@@ -27,10 +27,11 @@ import jax.numpy as jnp
 _BLOCK_ENTRIES = 1 << 20
 # 256-row chunks measured fastest on a 2-core CPU (SPEC §2); larger chunks buy nothing there.
 _DEFAULT_ROWS = 256
-# XLA's CPU backend shares a [rows, m] max/exp-sum reduction between both cores up to m = 32 768
-# columns and runs it on one core beyond (n = 4 096, d = 2: 2.75 G pairs/s at m = 32 768, 1.53 at
-# 49 152 and 65 536, and 1.5 at every m pinned to one core). The forward therefore reduces wider
-# rows in two stages over equal column tiles of at most this width (BUILD_NOTES.md).
+# XLA's CPU backend evidently shares a [rows, m] max/exp-sum reduction between both cores up to
+# m = 32 768 columns and runs it on one core beyond (n = 4 096, d = 2: 2.75 G pairs/s at
+# m = 32 768, 1.53 at 49 152 and 65 536, and 1.5 at every m pinned to one core). The forward
+# therefore reduces wider rows in two stages over equal column tiles of at most this width
+# (BUILD_NOTES.md).
 _MAX_TILE = 1 << 15
 
 
