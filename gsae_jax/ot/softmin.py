@@ -61,7 +61,7 @@ def _block_logits(xc: jax.Array, y: jax.Array, h: jax.Array, inv_eps: jax.Array)
   # y [T, t, d] (h [T, t]), with the scale applied to the small [c, d] side.
   xs = xc * inv_eps
   if xc.shape[1] > _BROADCAST_MAX_DIM:
-    return h[None] + (xs @ y.T if y.ndim == 2 else jnp.einsum("cd,Ttd->cTt", xs, y))
+    return h[None] + (xs @ y.reshape(-1, y.shape[-1]).T).reshape(xs.shape[:1] + h.shape)
   s = h[None]
   for k in range(xc.shape[1]):
     s = s + xs[:, k].reshape((-1,) + (1,) * h.ndim) * y[None, ..., k]
@@ -69,13 +69,12 @@ def _block_logits(xc: jax.Array, y: jax.Array, h: jax.Array, inv_eps: jax.Array)
 
 
 def _safe_max(s: jax.Array) -> jax.Array:
-  mx = jnp.max(s, axis=1)
+  mx = jnp.max(s, axis=-1)
   return jnp.where(jnp.isfinite(mx), mx, 0.0)
 
 
 def _lse_last(s: jax.Array) -> jax.Array:
-  mx = jnp.max(s, axis=-1)
-  mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+  mx = _safe_max(s)
   return mx + jnp.log(jnp.sum(jnp.exp(s - mx[..., None]), axis=-1))
 
 
@@ -94,6 +93,7 @@ def _column_tiles(y: jax.Array, h: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _lse_rows(x, y, h, eps, chunk):
   inv_eps = 1.0 / eps
   if y.shape[0] <= _MAX_TILE:
+    # One tile. Not the tiled code with T = 1: its [c, 1, m] block ran 10-20% slower at d = 10.
 
     def block(xc):
       return _lse_last(_block_logits(xc, y, h, inv_eps))
