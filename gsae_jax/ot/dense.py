@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
-from gsae_jax.ot.sinkhorn import validate_inputs
+from gsae_jax.ot.validation import validate_inputs
 
 
 def _cost(x, y):

@@ -21,17 +21,15 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from gsae_jax.ot import validation
+
 # A [chunk, m] float32 block of at most this many entries (4 MiB) stays in the CPU's L3 cache;
-# bigger blocks spill to memory and the kernel becomes bandwidth-bound: at m = 60 000, d = 2,
-# 256-row blocks (61 MiB) ran at 0.39 G pairs/s and 16-row blocks at 1.39 (BUILD_NOTES.md).
+# bigger blocks make the two-pass LSE bandwidth-bound (BUILD_NOTES.md, "Softmin throughput" 2).
 _BLOCK_ENTRIES = 1 << 20
 # 256-row chunks measured fastest on a 2-core CPU (SPEC §2); larger chunks buy nothing there.
 _DEFAULT_ROWS = 256
-# XLA's CPU backend evidently shares a [rows, m] max/exp-sum reduction between both cores up to
-# m = 32 768 columns and runs it on one core beyond (n = 4 096, d = 2: 2.75 G pairs/s at
-# m = 32 768, 1.53 at 49 152 and 65 536, and 1.5 at every m pinned to one core). The forward
-# therefore reduces wider rows in two stages over equal column tiles of at most this width
-# (BUILD_NOTES.md).
+# Rows wider than this are reduced in two stages over equal column tiles: XLA's CPU backend
+# evidently runs a wider row reduction on one core (BUILD_NOTES.md, "Softmin throughput" 2).
 _MAX_TILE = 1 << 15
 
 
@@ -50,9 +48,8 @@ def _pad_rows(a: jax.Array, chunk: int) -> tuple[jax.Array, int]:
 
 
 # Up to this dimension the [c, m] logits are built by broadcast multiply-adds that XLA fuses
-# with the max/exp; a matmul with an inner size of 2 was slower on CPU. The backward keeps
-# matmuls (P y on row blocks of x, Pᵀ w on row blocks of y): there broadcast reductions were
-# 1.1-1.5x slower (n = m = 4 096 and 16 384, /tmp A/B).
+# with the max/exp (a matmul with inner size 2 was slower on CPU); the backward keeps matmuls,
+# which were faster there (BUILD_NOTES.md, "Softmin throughput").
 _BROADCAST_MAX_DIM = 4
 
 
@@ -93,7 +90,7 @@ def _column_tiles(y: jax.Array, h: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _lse_rows(x, y, h, eps, chunk):
   inv_eps = 1.0 / eps
   if y.shape[0] <= _MAX_TILE:
-    # One tile. Not the tiled code with T = 1: its [c, 1, m] block ran 10-20% slower at d = 10.
+    # One tile; the tiled code with T = 1 was slower here (BUILD_NOTES.md).
 
     def block(xc):
       return _lse_last(_block_logits(xc, y, h, inv_eps))
@@ -116,8 +113,7 @@ def _softmin(x, y, h, eps, chunk):
 
 def _softmin_fwd(x, y, h, eps, chunk):
   lse = _lse_rows(x, y, h, eps, chunk)
-  # Keep the LSE itself: recovering it as out/ε in float32 would cost ~ulp(LSE) ≈ 1e-2 in the
-  # exponents once ⟨x, y⟩/ε reaches 1e5 (seen on GeomLoss case c5).
+  # Keep the LSE itself: recovering it as out/ε costs ulp(LSE) in the exponents (BUILD_NOTES.md).
   return -eps * lse, (x, y, h, eps, lse)
 
 
@@ -127,27 +123,28 @@ def _softmin_bwd(chunk, res, ct):
   #   d/dx_i = -c_i (P y)_i,   d/dy_j = -Σ_i P_ij c_i x_i,   d/dh_j = -eps Σ_i P_ij c_i,
   #   d/deps = Σ_i c_i (out_i + <x_i, (P y)_i>) / eps.
   # Two passes that both reduce along the rows of their blocks: over row blocks of x for
-  # (dx, deps), then over row blocks of y for (dy, dh), with the roles of x and y swapped and
-  # -LSE_i as the column offset. This recomputes the exponentials twice, yet one pass that
-  # accumulated Pᵀ w over row blocks of x in a scan carry was 2.4x slower at n = m = 16 384 on
-  # CPU (BUILD_NOTES.md, "Softmin throughput").
+  # (dx, deps), then over row blocks of y for (dy, dh), with x and y swapped and -LSE_i as the
+  # column offset; one pass with a Pᵀw scan carry was slower (BUILD_NOTES.md). An empty row
+  # (all h = -inf, LSE = -inf, out = +inf) has P = 0 and contributes nothing.
   x, y, h, eps, lse = res
   inv_eps = 1.0 / eps
   n, m = x.shape[0], y.shape[0]
+  live = jnp.isfinite(lse)
+  ct = jnp.where(live, ct, 0.0)
   xs, _ = _pad_rows(x, chunk)
   cts, _ = _pad_rows(ct, chunk)
-  lses, _ = _pad_rows(lse, chunk)
+  lses, _ = _pad_rows(jnp.where(live, lse, jnp.inf), chunk)  # +inf offset: P = 0 on empty rows
 
   def row_block(inputs):
     xc, ctc, lsec = inputs
     p = jnp.exp(_block_logits(xc, y, h, inv_eps) - lsec[:, None])
     py = p @ y  # [c, d]
     dx = -ctc[:, None] * py
-    deps = jnp.sum(ctc * (-eps * lsec + jnp.sum(xc * py, axis=1)))
+    deps = jnp.sum(jnp.where(ctc != 0, ctc * (-eps * lsec + jnp.sum(xc * py, axis=1)), 0.0))
     return dx, deps
 
   dx, deps = jax.lax.map(row_block, (xs, cts, lses))
-  neg_lse = jnp.where(jnp.isfinite(lse), -lse, -jnp.inf)  # an empty row (all h = -inf): P = 0
+  neg_lse = jnp.where(live, -lse, -jnp.inf)
 
   col_chunk = max(1, min(chunk, default_chunk_size(m, n)))
   ys, _ = _pad_rows(y, col_chunk)
@@ -167,6 +164,36 @@ def _softmin_bwd(chunk, res, ct):
 _softmin.defvjp(_softmin_fwd, _softmin_bwd)
 
 
+def _chunk(n: int, m: int, chunk_size: int | None) -> int:
+  return default_chunk_size(n, m) if chunk_size is None else max(1, min(int(chunk_size), n))
+
+
+def softmin_kernel(
+  x: jax.Array, y: jax.Array, h: jax.Array, eps: jax.Array, chunk_size: int | None = None
+) -> jax.Array:
+  """:func:`softmin` without input checks: the engine's inner loops call this on validated,
+  same-dtype arrays (``eps`` a positive scalar of ``x``'s dtype)."""
+  return _softmin(x, y, h, eps, _chunk(x.shape[0], y.shape[0], chunk_size))
+
+
+def _check_softmin_args(x, y, h, epsilon, chunk_size, extra=()):
+  x = validation.as_array("x", x)
+  y = validation.as_array("y", y)
+  h = validation.as_array("h", h)
+  for name, arr in (("x", x), ("y", y)):
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+      raise ValueError(f"`{name}` must be a non-empty [n, d] array of points, got {arr.shape}.")
+  if y.shape[1] != x.shape[1]:
+    raise ValueError(f"`x` and `y` must have the same dimension, got {x.shape} and {y.shape}.")
+  if h.shape != (y.shape[0],):
+    raise ValueError(f"`h` must be a [{y.shape[0]}] vector (one per row of `y`), got {h.shape}.")
+  validation.check_scalar("epsilon", epsilon, low=0.0)
+  validation.check_count("chunk_size", chunk_size, allow_none=True)
+  dtype = validation.working_dtype(x.dtype, y.dtype, h.dtype, *(e.dtype for e in extra))
+  eps = jnp.asarray(epsilon, dtype)
+  return x.astype(dtype), y.astype(dtype), h.astype(dtype), eps
+
+
 def softmin(
   x: jax.Array,
   y: jax.Array,
@@ -183,6 +210,11 @@ def softmin(
   ``m > 32 768`` the forward reduces each row in two stages over equal column tiles (a
   log-sum-exp per tile, then over tiles), which keeps both cores of a CPU busy.
 
+  Inputs are computed in float32 (float64 if any is float64): integers and float16/bfloat16 are
+  promoted. Shapes and a concrete ``epsilon`` are checked (``ValueError``/``TypeError``); a
+  traced ``epsilon ≤ 0`` or non-finite gives NaN. A row whose ``h`` is all ``−inf`` has
+  ``f̂_i = +inf`` and zero gradient.
+
   Args:
     x: ``[n, d]`` points on which the output lives.
     y: ``[m, d]`` points summed over.
@@ -193,10 +225,9 @@ def softmin(
   Returns:
     ``[n]`` folded potential ``f̂``.
   """
-  n, m = x.shape[0], y.shape[0]
-  chunk = default_chunk_size(n, m) if chunk_size is None else max(1, min(int(chunk_size), n))
-  eps = jnp.asarray(epsilon, dtype=x.dtype)
-  return _softmin(x, y, h.astype(x.dtype), eps, chunk)
+  x, y, h, eps = _check_softmin_args(x, y, h, epsilon, chunk_size)
+  out = softmin_kernel(x, y, h, eps, chunk_size)
+  return jnp.where((eps > 0) & jnp.isfinite(eps), out, jnp.nan)
 
 
 def softmin_with_mean(
@@ -212,7 +243,7 @@ def softmin_with_mean(
   Returns ``(f̂, M)`` with ``f̂`` as in :func:`softmin` and
   ``M_i = Σ_j π_ij features_j``, ``π_ij = softmax_j(h_j + ⟨x_i, y_j⟩ / ε)``: the conditional
   mean of ``features`` under row ``i`` of the plan, used for transport costs and barycentric
-  maps without forming the plan.
+  maps without forming the plan. Inputs are checked as in :func:`softmin`.
 
   Args:
     x: ``[n, d]``; y: ``[m, d]``; h: ``[m]``; epsilon: scalar.
@@ -222,11 +253,20 @@ def softmin_with_mean(
   Returns:
     ``([n], [n, k])``.
   """
-  n, m = x.shape[0], y.shape[0]
-  chunk = default_chunk_size(n, m) if chunk_size is None else max(1, min(int(chunk_size), n))
-  eps = jnp.asarray(epsilon, dtype=x.dtype)
+  features = validation.as_array("features", features)
+  x, y, h, eps = _check_softmin_args(x, y, h, epsilon, chunk_size, (features,))
+  if features.ndim != 2 or features.shape[0] != y.shape[0]:
+    raise ValueError(f"`features` must be [{y.shape[0]}, k], got {features.shape}.")
+  f, mean = softmin_with_mean_kernel(x, y, h, eps, features.astype(x.dtype), chunk_size)
+  ok = (eps > 0) & jnp.isfinite(eps)
+  return jnp.where(ok, f, jnp.nan), jnp.where(ok, mean, jnp.nan)
+
+
+def softmin_with_mean_kernel(x, y, h, eps, features, chunk_size=None):
+  """:func:`softmin_with_mean` without input checks (validated, same-dtype arrays)."""
+  n = x.shape[0]
+  chunk = _chunk(n, y.shape[0], chunk_size)
   inv_eps = 1.0 / eps
-  h = h.astype(x.dtype)
 
   def block(xc):
     s = _block_logits(xc, y, h, inv_eps)

@@ -1,0 +1,162 @@
+"""The engine's data types: a problem, the divergence's settings, and the solvers' results.
+
+All are frozen dataclasses registered as pytrees, so they pass through ``jit``: array fields are
+traced leaves, the rest (iteration caps, gradient mode, backend) is static metadata and part of
+the compilation key. Cost ``C(x, y) = ½‖x − y‖²`` and ``ε = blur²`` throughout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from gsae_jax.ot import schedule
+
+
+def _pytree(data: tuple[str, ...], meta: tuple[str, ...]):
+  def wrap(cls):
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    return jax.tree_util.register_dataclass(cls, data_fields=list(data), meta_fields=list(meta))
+
+  return wrap
+
+
+@_pytree(data=("x", "y", "a", "b"), meta=())
+class OTProblem:
+  """Two weighted point clouds ``α = Σ a_i δ_{x_i}``, ``β = Σ b_j δ_{y_j}``.
+
+  Attributes:
+    x: ``[n, d]`` source points. y: ``[m, d]`` target points.
+    a: ``[n]`` non-negative masses. b: ``[m]`` non-negative masses, ``Σa = Σb``.
+  """
+
+  x: jax.Array
+  y: jax.Array
+  a: jax.Array
+  b: jax.Array
+
+  @property
+  def log_a(self) -> jax.Array:
+    return jnp.log(self.a)
+
+  @property
+  def log_b(self) -> jax.Array:
+    return jnp.log(self.b)
+
+  def centered(self) -> OTProblem:
+    """The same problem translated so the joint bounding box is centred at 0
+    (:func:`gsae_jax.ot.schedule.center`): values, potentials and gradients are unchanged."""
+    x, y = schedule.center(self.x, self.y)
+    return dataclasses.replace(self, x=x, y=y)
+
+
+BACKENDS = ("dense",)
+"""Backends of the divergence and the fixed-ε solver (GeomLoss's vocabulary). ``"auto"``
+resolves to one of these before tracing; ``"dense"`` is the chunked exact path."""
+
+
+@_pytree(
+  data=("blur", "scaling", "tol", "diameter"),
+  meta=("max_iter", "grad", "chunk_size", "static_b", "backend", "unroll_steps"),
+)
+class DivergenceSettings:
+  """Everything :func:`gsae_jax.ot.solve_divergence` needs besides the problem.
+
+  Traced (changing them does not recompile): ``blur``, ``scaling``, ``tol``, ``diameter``
+  (``None`` vs a number is part of the compilation key). Static: the rest.
+
+  Attributes:
+    blur: ``√ε`` of the final temperature. scaling: annealing ratio of ``blur``, in ``(0, 1)``.
+    tol: L1 marginal-violation tolerance for converged mode, or ``None`` (the paper's annealed
+      schedule with no convergence test).
+    diameter: fixed problem diameter ``D`` for the schedule, or ``None`` (bounding box).
+    max_iter: cap on the updates past the schedule in converged mode.
+    grad: ``"envelope"`` or ``"unroll"``.
+    chunk_size: rows per dense softmin block, or ``None`` (:func:`default_chunk_size`).
+    static_b: skip the target's self-term ``OT_ε(β, β)``.
+    backend: one of :data:`BACKENDS` (resolved, never ``"auto"``).
+    unroll_steps: static scan length of the annealing in ``"unroll"`` mode (else ``None``).
+  """
+
+  blur: jax.Array | float
+  scaling: jax.Array | float
+  tol: jax.Array | float | None
+  diameter: jax.Array | float | None
+  max_iter: int = 1000
+  grad: str = "envelope"
+  chunk_size: int | None = None
+  static_b: bool = False
+  backend: str = "dense"
+  unroll_steps: int | None = None
+
+
+@_pytree(
+  data=(
+    "value",
+    "f_ba",
+    "g_ab",
+    "f_aa",
+    "g_bb",
+    "iterations",
+    "marginal_violation",
+    "converged",
+  ),
+  meta=("backend",),
+)
+class DivergenceOutput:
+  """Result of :func:`gsae_jax.ot.solve_divergence`.
+
+  Attributes:
+    value: scalar ``S_ε(α, β)`` (``S_ε + ½ OT_ε(β, β)`` with ``static_b``), differentiable in
+      ``x, y, a, b``; NaN when an in-graph check failed (see the function's docstring).
+    f_ba: ``[n]`` potential of ``OT_ε(α, β)`` on ``x``. g_ab: ``[m]`` its potential on ``y``.
+    f_aa: ``[n]`` symmetric potential of ``OT_ε(α, α)``. g_bb: ``[m]`` of ``OT_ε(β, β)``, or
+      ``None`` with ``static_b``. All are the true (unfolded) potentials after the final
+      extrapolation, for the cost ``½‖x − y‖²``.
+    iterations: number of potential updates run (annealing steps plus converged-mode steps).
+    marginal_violation: largest L1 marginal violation of the three plans at the last update.
+    converged: ``marginal_violation ≤ tol`` in converged mode; always ``False`` in annealed mode
+      (``tol=None``), which runs a fixed schedule and tests nothing.
+    backend: the backend that ran (``"auto"`` resolved).
+  """
+
+  value: jax.Array
+  f_ba: jax.Array
+  g_ab: jax.Array
+  f_aa: jax.Array
+  g_bb: jax.Array | None
+  iterations: jax.Array
+  marginal_violation: jax.Array
+  converged: jax.Array
+  backend: str = "dense"
+
+
+@_pytree(
+  data=("f", "g", "reg_ot_cost", "transport_cost", "iterations", "marginal_violation", "converged"),
+  meta=("backend",),
+)
+class SinkhornOutput:
+  """Result of :func:`gsae_jax.ot.sinkhorn` (cost ``½‖x − y‖²``).
+
+  Attributes:
+    f: ``[n]`` dual potential on ``x``. g: ``[m]`` dual potential on ``y``.
+    reg_ot_cost: dual value ``⟨a, f⟩ + ⟨b, g⟩`` = ``OT_ε`` at convergence (envelope-
+      differentiable in ``x, y, a, b``).
+    transport_cost: ``⟨P, C⟩`` of the plan ``P_ij = a_i b_j exp((f_i + g_j − C_ij)/ε)``.
+    iterations: number of (f, g) update pairs run.
+    marginal_violation: ``Σ_i |(P 1)_i − a_i|`` at the returned potentials (the column
+      marginal is exact after the final g-update).
+    converged: ``marginal_violation ≤ tol``.
+    backend: the backend that ran.
+  """
+
+  f: jax.Array
+  g: jax.Array
+  reg_ot_cost: jax.Array
+  transport_cost: jax.Array
+  iterations: jax.Array
+  marginal_violation: jax.Array
+  converged: jax.Array
+  backend: str = "dense"
