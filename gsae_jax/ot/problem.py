@@ -116,9 +116,13 @@ class DivergenceOutput:
       ``None`` with ``static_b``. All are the true (unfolded) potentials after the final
       extrapolation, for the cost ``½‖x − y‖²``.
     iterations: number of potential updates run (annealing steps plus converged-mode steps).
-    marginal_violation: largest L1 marginal violation of the three plans at the last update.
-    converged: ``marginal_violation ≤ tol`` in converged mode; always ``False`` in annealed mode
-      (``tol=None``), which runs a fixed schedule and tests nothing.
+    marginal_violation: largest L1 marginal violation ``Σ_i w_i |(P 1)_i / w_i − 1|`` of the
+      three plans (both sides) at the last loop potentials, at ``ε = blur²``, as the final
+      extrapolation measures it.
+    converged: in converged mode, whether the loop stopped on its tolerance before ``max_iter``
+      (its own test reads one side of the cross plan, so ``marginal_violation`` may sit
+      slightly above ``tol``); always ``False`` in annealed mode (``tol=None``), which runs a
+      fixed schedule and tests nothing.
     backend: the backend that ran (``"auto"`` resolved).
   """
 
