@@ -5,8 +5,9 @@ For each dimension ``d`` and size ``n = m``: ``x`` = a flower-prior sample (d = 
 method). Every (method, d, n) runs in a fresh subprocess (its own peak RSS, VmHWM) and computes
 the divergence and its gradient in ``x``:
 
-* ``ours``: :func:`gsae_jax.ot.sinkhorn_divergence`, GeomLoss's annealed schedule (the GSAE
-  paper's setting, ``blur``, ``scaling``), no convergence test;
+* ``ours``: :func:`gsae_jax.ot.sinkhorn_divergence` with ``backend="dense"`` (every pair),
+  GeomLoss's annealed schedule (the GSAE paper's setting, ``blur``, ``scaling``), no test;
+* ``ours_multiscale``: the same with ``backend="multiscale"`` (d ≤ 3 only);
 * ``ours_tol``: the same, then iterations at ``ε = blur²`` to marginal violation ``--tol``;
 * ``ours_s0.9`` / ``ours_s0.99``: annealed only, at scaling 0.9 / 0.99 (GeomLoss's accuracy
   knob: more, finer ε steps), to show the time/accuracy trade-off against ``ours_tol``;
@@ -47,6 +48,7 @@ from benchmarks import common
 
 METHODS = (
   "ours",
+  "ours_multiscale",
   "ours_tol",
   "ours_s0.9",
   "ours_s0.99",
@@ -60,18 +62,28 @@ DENSE = {"ott_dense", "geomloss_tensorized"}
 ACCURATE = {"ours_tol", "ours_s0.9", "ours_s0.99", "ott_dense"}
 
 
-def make_inputs(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """``x`` (flower for d = 2, else N(0, I)) and ``y ~ N(0.5, 1.5² I)``, float32 ``[n, d]``."""
+def _flower(rng, n):
+  petal = rng.permutation(np.arange(n) % 10)
+  a = 2 * np.pi * petal / 10
+  r = 3 + rng.normal(size=n)
+  t = 0.1 * rng.normal(size=n)
+  return np.stack([np.cos(a) * r - np.sin(a) * t, np.sin(a) * r + np.cos(a) * t], axis=1)
+
+
+def make_inputs(
+  n: int, d: int, seed: int = 0, target: str = "gauss"
+) -> tuple[np.ndarray, np.ndarray]:
+  """``x`` (flower for d = 2, else N(0, I)) and ``y``, float32 ``[n, d]``: ``y ~ N(0.5, 1.5² I)``
+  (``target="gauss"``) or an independent flower sample (``"flower"``, d = 2: the GSAE regime
+  where the latents match the prior)."""
   rng = np.random.default_rng(seed)
-  if d == 2:
-    petal = rng.permutation(np.arange(n) % 10)
-    a = 2 * np.pi * petal / 10
-    r = 3 + rng.normal(size=n)
-    t = 0.1 * rng.normal(size=n)
-    x = np.stack([np.cos(a) * r - np.sin(a) * t, np.sin(a) * r + np.cos(a) * t], axis=1)
+  x = _flower(rng, n) if d == 2 else rng.normal(size=(n, d))
+  if target == "flower":
+    if d != 2:
+      raise ValueError("--target flower needs d = 2")
+    y = _flower(rng, n)
   else:
-    x = rng.normal(size=(n, d))
-  y = 0.5 + 1.5 * rng.normal(size=(n, d))
+    y = 0.5 + 1.5 * rng.normal(size=(n, d))
   return x.astype(np.float32), y.astype(np.float32)
 
 
@@ -99,12 +111,12 @@ def _time_jax(fn, x, y, args):
   return value, grad, compile_s, first, warm
 
 
-def _run_ours(x, y, args, tol, scaling):
+def _run_ours(x, y, args, tol, scaling, backend):
   import jax
 
   from gsae_jax.ot import sinkhorn_divergence
 
-  kw = dict(blur=args.blur, scaling=scaling, tol=tol, max_iter=args.max_iter)
+  kw = dict(blur=args.blur, scaling=scaling, tol=tol, max_iter=args.max_iter, backend=backend)
   fn = jax.value_and_grad(lambda x, y: sinkhorn_divergence(x, y, **kw))
   return _time_jax(fn, x, y, args)
 
@@ -173,20 +185,23 @@ def worker(method: str, n: int, d: int, args, grad_path: str) -> dict:
   importing the framework and making the inputs), so the difference is the method's own memory.
   """
   _import_framework(method, args)
-  make_inputs(n, d, args.seed)
+  make_inputs(n, d, args.seed, args.target)
   hwm_before = common.vm_hwm_mb(os.getpid())
   if method == "reference":
     from benchmarks.ot_accuracy import reference
 
-    ref = reference(*make_inputs(n, d, args.seed), args.blur, args.ref_tol, args.ref_max_iter)
+    ref = reference(
+      *make_inputs(n, d, args.seed, args.target), args.blur, args.ref_tol, args.ref_max_iter
+    )
     value, grad, compile_s, first, warm = ref["value"], ref["grad"], ref["compile_s"], 0.0, []
     first = ref["run_s"]
   else:
-    x, y = make_inputs(n, d, args.seed)
+    x, y = make_inputs(n, d, args.seed, args.target)
     if method.startswith("ours"):
       tol = args.tol if method == "ours_tol" else None
-      scaling = float(method[6:]) if method.startswith("ours_s") else args.scaling
-      value, grad, compile_s, first, warm = _run_ours(x, y, args, tol, scaling)
+      scaling = float(method[6:]) if method.startswith("ours_s0") else args.scaling
+      backend = "multiscale" if method == "ours_multiscale" else "dense"
+      value, grad, compile_s, first, warm = _run_ours(x, y, args, tol, scaling, backend)
     elif method.startswith("ott"):
       value, grad, compile_s, first, warm = _run_ott(x, y, args, method == "ott_online")
     else:
@@ -222,6 +237,7 @@ def _subprocess(method, n, d, args, grad_path) -> dict:
     f"--repeat_budget_s={args.repeat_budget_s}",
     f"--torch_threads={args.torch_threads}",
     f"--seed={args.seed}",
+    f"--target={args.target}",
   ]
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   t0, peak = time.time(), None
@@ -283,6 +299,10 @@ def run(args) -> dict:
         why = _available(method)
         if why is None and method in DENSE and 3 * n * n * 4 > args.dense_limit_gb * 2**30:
           why = f"skipped: 3 dense {n}×{n} float32 arrays exceed {args.dense_limit_gb:g} GB"
+        if why is None and method == "ours" and args.ours_max_n and n > args.ours_max_n:
+          why = f"skipped: dense above --ours_max_n {args.ours_max_n}"
+        if why is None and method == "ours_multiscale" and d > 3:
+          why = "skipped: the multiscale backend is for d <= 3"
         if why is None and method in ACCURATE and n > args.tol_max_n:
           why = f"skipped: too slow here for n > --tol_max_n {args.tol_max_n}"
         if why:
@@ -428,6 +448,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     "threads ran GeomLoss 1.7-1.9x faster than 1 at n = 5000, under load 5.5x slower",
   )
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--target", default="gauss", choices=("gauss", "flower"), help="y cloud")
+  p.add_argument("--ours_max_n", type=int, default=None, help="largest n for dense `ours`")
   p.add_argument("--out", default="benchmarks/results")
   p.add_argument("--name", default="sinkhorn", help="output file stem")
   p.add_argument(

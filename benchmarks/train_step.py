@@ -31,8 +31,15 @@ def run_one(
   blur: float,
   scaling: float,
   prior_self_term: bool = False,
+  ot_backend: str = "auto",
 ) -> dict:
-  """Times ``steps`` warm steps of one variant in this process."""
+  """Times ``steps`` warm steps of one variant in this process, then its parts apart.
+
+  The parts (global variants; each jitted alone, median of 3 warm runs): ``encode_s``
+  (all ``n`` images through the encoder), ``ot_s`` (value and gradient of the divergence
+  between the ``n`` latents and an ``n``-point prior sample, with the step's backend) and
+  ``encode_vjp_s`` (encoder forward plus the VJP of a latent cotangent into its parameters).
+  """
   import jax
   import jax.numpy as jnp
 
@@ -46,7 +53,12 @@ def run_one(
   images = jnp.asarray(data.train_images)
   n = images.shape[0]
   config: GSAEConfig = ExperimentConfig(
-    variant=variant, arch=arch, blur=blur, scaling=scaling, prior_self_term=prior_self_term
+    variant=variant,
+    arch=arch,
+    blur=blur,
+    scaling=scaling,
+    prior_self_term=prior_self_term,
+    ot_backend=ot_backend,
   ).gsae()
   model = make_autoencoder(arch, 2)
   state = init_state(jax.random.key(0), model, config, images)
@@ -62,7 +74,10 @@ def run_one(
     state, out = step(state, idx(s), jax.random.fold_in(key, s))
   jax.block_until_ready(out)
   per_step = (time.perf_counter() - t0) / steps
+  parts = _time_parts(model, config, state, images) if variant != "local" else {}
   return {
+    **parts,
+    "ot_backend": ot_backend,
     "variant": variant,
     "n": n,
     "arch": arch,
@@ -77,6 +92,54 @@ def run_one(
     "peak_rss_mb": peak_rss_mb(),
     "rss_after_imports_mb": base,
     "loss": float(out["loss"]),
+  }
+
+
+def _time_parts(model, config, state, images) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from gsae_jax import priors
+  from gsae_jax.ot import solve_divergence
+  from gsae_jax.training.gsae import encode_all
+
+  enc = state.params["encoder"]
+  encode = jax.jit(lambda p: encode_all(model, p, images, config.encode_chunk))
+  z = encode(enc)
+  prior = priors.get_prior(config.prior, dim=z.shape[1])(jax.random.key(2), z.shape[0])
+
+  def ot_loss(z):
+    out = solve_divergence(
+      z,
+      prior,
+      blur=config.blur,
+      scaling=config.scaling,
+      static_b=not config.prior_self_term,
+      backend=config.ot_backend,
+    )
+    return out.value, out
+
+  ot = jax.jit(jax.value_and_grad(ot_loss, has_aux=True))
+  w = jnp.ones_like(z)
+  enc_vjp = jax.jit(lambda p: jax.vjp(lambda q: encode_all(model, q, images, 500), p)[1](w))
+
+  def median_s(fn, *args):
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(3):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times.append(time.perf_counter() - t0)
+    return sorted(times)[1]
+
+  (_, out), _ = ot(z)
+  return {
+    "encode_s": median_s(encode, enc),
+    "ot_s": median_s(ot, z),
+    "encode_vjp_s": median_s(enc_vjp, enc),
+    "ot_backend_used": out.backend,
+    "ot_dense_fallbacks": int(out.dense_fallbacks),
+    "ot_kept_tile_fraction": float(out.kept_tile_fraction),
   }
 
 
@@ -120,6 +183,7 @@ def main(argv=None):
     action="store_true",
     help="also compute the prior's self-term of S (GSAEConfig.prior_self_term)",
   )
+  p.add_argument("--ot_backend", default="auto", choices=("auto", "dense", "multiscale"))
   p.add_argument(
     "--timeout_s",
     type=float,
@@ -141,6 +205,7 @@ def main(argv=None):
       args.blur,
       args.scaling,
       args.prior_self_term,
+      args.ot_backend,
     )
     print(json.dumps(row))
     return
@@ -158,6 +223,7 @@ def main(argv=None):
         f"--arch={args.arch}",
         f"--blur={args.blur}",
         f"--scaling={args.scaling}",
+        f"--ot_backend={args.ot_backend}",
       ] + (["--prior_self_term"] if args.prior_self_term else [])
       row, peak = run_subprocess(cmd, args.timeout_s)
       if row is None:
@@ -185,22 +251,36 @@ def main(argv=None):
   out.mkdir(parents=True, exist_ok=True)
   payload = {"env": env, "args": vars(args), "rows": rows}
   (out / f"{args.name}.json").write_text(json.dumps(payload, indent=2))
-  cols = ["steps_per_s", "step_s", "compile_and_first_step_s", "peak_rss_mb"]
+  cols = [
+    "steps_per_s",
+    "step_s",
+    "encode_s",
+    "ot_s",
+    "encode_vjp_s",
+    "compile_and_first_step_s",
+    "peak_rss_mb",
+  ]
+  fmt = lambda v: "–" if v is None else (f"{v:.4g}" if isinstance(v, float) else v)
   table = markdown_table(
     [
       "variant",
       "n",
       "arch",
       "blur/scaling",
+      "OT backend",
       "steps/s",
       "s/step",
+      "encode (s)",
+      "OT value+grad (s)",
+      "encode+VJP (s)",
       "compile+first (s)",
       "peak RSS (MB)",
       "status",
     ],
     [
       [r["variant"], r["n"], r["arch"], f"{r['blur']:g}/{r['scaling']:g}"]
-      + [r.get(c, "–") if r.get(c) is not None else "–" for c in cols]
+      + [r.get("ot_backend_used", r.get("ot_backend", "–"))]
+      + [fmt(r.get(c)) for c in cols]
       + [r["status"]]
       for r in rows
     ],

@@ -13,7 +13,7 @@ import json
 from absl import app, flags
 
 from gsae_jax.models import ARCHS
-from gsae_jax.training.gsae import VARIANTS
+from gsae_jax.training.gsae import OT_BACKENDS, VARIANTS
 from gsae_jax.training.loop import ExperimentConfig, train_and_evaluate
 
 _D = ExperimentConfig()
@@ -33,6 +33,9 @@ flags.DEFINE_bool(
   "Compute the prior's self-term of S each step (same gradients; only the logged train S).",
 )
 flags.DEFINE_integer("encode_chunk", _D.encode_chunk, "Images per chunk in global encoding.")
+flags.DEFINE_enum(
+  "ot_backend", _D.ot_backend, list(OT_BACKENDS), "OT engine backend (auto: multiscale when large)."
+)
 flags.DEFINE_string("dataset", _D.dataset, "mnist5k | idx:DIR | tfds:mnist | tfds:fashion_mnist")
 flags.DEFINE_integer("n_train", None, "Class-balanced training subset size.")
 flags.DEFINE_integer("n_test", None, "Class-balanced test subset size.")
@@ -58,6 +61,7 @@ def main(argv):
       resample_freq=FLAGS.resample_freq,
       encode_chunk=FLAGS.encode_chunk,
       prior_self_term=FLAGS.prior_self_term,
+      ot_backend=FLAGS.ot_backend,
       dataset=FLAGS.dataset,
       n_train=FLAGS.n_train,
       n_test=FLAGS.n_test,

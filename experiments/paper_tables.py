@@ -16,7 +16,7 @@ import sys
 from absl import app, flags
 
 from gsae_jax.models import ARCHS
-from gsae_jax.training.gsae import VARIANTS
+from gsae_jax.training.gsae import OT_BACKENDS, VARIANTS
 from gsae_jax.training.loop import ExperimentConfig
 from gsae_jax.training.tables import run_table
 
@@ -36,6 +36,9 @@ flags.DEFINE_list("sweep_lam", [], "λ grid: train every variant at each λ and 
 flags.DEFINE_float("blur", _D.blur, "Sinkhorn blur; ε = blur².")
 flags.DEFINE_float("scaling", _D.scaling, "ε-annealing ratio in (0, 1).")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Minibatch size M.")
+flags.DEFINE_enum(
+  "ot_backend", _D.ot_backend, list(OT_BACKENDS), "OT engine backend (auto: multiscale when large)."
+)
 flags.DEFINE_integer("eval_every", 200, "Steps between evaluations/checkpoints of each run.")
 flags.DEFINE_string("workdir", None, "Root directory of the sweep (resumes).")
 flags.mark_flag_as_required("workdir")
@@ -70,6 +73,7 @@ def main(argv):
       blur=FLAGS.blur,
       scaling=FLAGS.scaling,
       batch_size=FLAGS.batch_size,
+      ot_backend=FLAGS.ot_backend,
       dataset=FLAGS.dataset,
       n_train=FLAGS.n_train,
       n_test=FLAGS.n_test,

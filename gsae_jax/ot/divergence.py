@@ -8,9 +8,10 @@ Inside the loops the potentials are kept folded (``f̂ = f − ½‖x‖²``, se
 Structure: :func:`solve_divergence` checks the input (:mod:`gsae_jax.ot.validation`), packs it
 into an :class:`~gsae_jax.ot.problem.OTProblem` and a
 :class:`~gsae_jax.ot.problem.DivergenceSettings`, and calls one jitted function that dispatches
-on ``settings.backend`` through :data:`_BACKENDS`: a backend is a function
-``(problem, settings) -> DivergenceOutput``. The loop pieces below take the softmin as an
-argument, so a backend can reuse them with its own kernel.
+on ``settings.backend`` through :func:`_backend`: a backend is a function
+``(problem, settings) -> DivergenceOutput`` (``dense`` here, ``multiscale`` in
+:mod:`gsae_jax.ot.multiscale_divergence`). The dense loop pieces below take the softmin as an
+argument.
 """
 
 from __future__ import annotations
@@ -240,34 +241,55 @@ def _anneal_scan(p: _Clouds, sch: _Schedule, tol, max_iter, sm: Softmin, static_
 # ----------------------------------------------------------------------------- dense backend
 
 
-def _dense_backend(problem: OTProblem, s: DivergenceSettings) -> DivergenceOutput:
-  """The exact chunked path: every softmin over all ``n × m`` pairs, in O(n) memory."""
-  dtype = problem.x.dtype
+class Checked(NamedTuple):
+  """What every backend starts from: traced settings in the problem's dtype, the in-graph
+  validity flag and the ε schedule of the centred problem."""
+
+  ok: jax.Array  # bool: every check that validation could not make on traced values passed
+  blur: jax.Array
+  scaling: jax.Array
+  tol: jax.Array | None  # +inf when not ok (no runaway converged-mode loop)
+  truncate: jax.Array
+  schedule: _Schedule
+
+
+def check_and_schedule(x, y, problem: OTProblem, s: DivergenceSettings) -> Checked:
+  """In-graph checks (a failed one makes the outputs NaN) and the schedule for the centred
+  clouds ``x, y``: ``D = max(bounding-box diagonal or s.diameter, blur)``."""
+  dtype = x.dtype
   scalar = lambda v: None if v is None else jnp.asarray(v, dtype)
   blur, scaling, tol, diameter = (scalar(v) for v in (s.blur, s.scaling, s.tol, s.diameter))
-  c = problem.centered()
-  p = _Clouds(c.x, c.y, problem.log_a, problem.log_b)
-
-  # The checks validation could not make on traced values; a failed one gives NaN.
+  truncate = scalar(s.truncate)
   sa, sb = jnp.sum(problem.a), jnp.sum(problem.b)
   checks = [
     (blur > 0) & jnp.isfinite(blur),
     (scaling > 0) & (scaling < 1),
+    (truncate > 0) & jnp.isfinite(truncate),
     jnp.abs(sa - sb) <= validation.MASS_RTOL * jnp.maximum(sa, sb),
   ]
   if tol is not None:
     checks.append((tol > 0) & jnp.isfinite(tol))
   if diameter is None:
-    diam = schedule.bounding_box_diameter(p.x, p.y)
+    diam = schedule.bounding_box_diameter(x, y)
   else:
-    extent = schedule.largest_extent(sg(p.x), sg(p.y))
+    extent = schedule.largest_extent(sg(x), sg(y))
     checks.append(diameter >= extent * (1 - _DIAMETER_RTOL))
     diam = diameter
   ok = validation.in_graph_ok(*checks)
   diam = sg(jnp.where(ok, jnp.maximum(diam, blur), blur))
   n_mid = jnp.where(ok, schedule.n_mid_steps(diam, blur, scaling), 0)  # no runaway loop on NaN
-  sch = _Schedule(diam, n_mid, blur, scaling)
   tol_ = None if tol is None else jnp.where(ok, tol, jnp.inf)
+  return Checked(ok, blur, scaling, tol_, truncate, _Schedule(diam, n_mid, blur, scaling))
+
+
+def _dense_backend(problem: OTProblem, s: DivergenceSettings) -> DivergenceOutput:
+  """The exact chunked path: every softmin over all ``n × m`` pairs, in O(n) memory."""
+  dtype = problem.x.dtype
+  c = problem.centered()
+  p = _Clouds(c.x, c.y, problem.log_a, problem.log_b)
+  chk = check_and_schedule(p.x, p.y, problem, s)
+  ok, blur, tol, sch = chk.ok, chk.blur, chk.tol, chk.schedule
+  tol_ = tol
 
   sm = lambda x, y, h, eps: softmin_kernel(x, y, h, eps, s.chunk_size)
   if s.grad == "envelope":
@@ -305,35 +327,61 @@ def _dense_backend(problem: OTProblem, s: DivergenceSettings) -> DivergenceOutpu
     iterations=iters,
     marginal_violation=nan(viol_final),
     converged=converged,
+    dense_fallbacks=jnp.int32(0),
+    kept_tile_fraction=jnp.asarray(1.0, dtype),
     backend="dense",
   )
 
 
-_BACKENDS: dict[str, Callable[[OTProblem, DivergenceSettings], DivergenceOutput]] = {
-  "dense": _dense_backend,
-}
-assert set(_BACKENDS) == set(BACKENDS)
+def _backend(name: str) -> Callable[[OTProblem, DivergenceSettings], DivergenceOutput]:
+  """The implementation of a backend of :data:`BACKENDS`: ``(problem, settings) -> output``."""
+  if name == "dense":
+    return _dense_backend
+  if name == "multiscale":
+    from gsae_jax.ot.multiscale_divergence import multiscale_backend  # imports this module
+
+    return multiscale_backend
+  raise ValueError(f"unknown backend {name!r}")
 
 
 @jax.jit
 def _solve(problem: OTProblem, settings: DivergenceSettings) -> DivergenceOutput:
   # Settings' static fields are pytree metadata: part of the compilation key; blur, scaling,
-  # tol and diameter are traced, so sweeping them does not recompile (envelope mode).
-  return _BACKENDS[settings.backend](problem, settings)
+  # tol, diameter and truncate are traced, so sweeping them does not recompile.
+  return _backend(settings.backend)(problem, settings)
 
 
 # ----------------------------------------------------------------------------- public API
 
 
-def resolve_backend(backend: str, n: int, m: int, d: int) -> str:
+# `auto` picks multiscale from this many pairs on (n·m), in d ≤ 3 (BUILD_NOTES.md, "Multiscale").
+AUTO_MULTISCALE_PAIRS = 10_000**2
+MULTISCALE_MAX_DIM = 3
+
+
+def resolve_backend(backend: str, n: int, m: int, d: int, grad: str = "envelope") -> str:
   """The backend that runs for ``backend`` on an ``n × m`` problem in dimension ``d``.
 
-  ``"auto"`` picks the fastest available backend for the size and dimension; with the
-  backends available today (:data:`gsae_jax.ot.problem.BACKENDS`) that is ``"dense"``.
+  ``"auto"`` picks ``"multiscale"`` for ``d ≤ 3``, envelope gradients and
+  ``n·m ≥ AUTO_MULTISCALE_PAIRS`` (GeomLoss's ``auto`` rule, the threshold measured here), else
+  ``"dense"``. An explicit ``"multiscale"`` with ``d > 3`` or ``grad="unroll"`` is an error.
   """
   validation.check_choice("backend", backend, ("auto", *BACKENDS))
-  del n, m, d  # every size runs dense until a sparse backend is registered
-  return "dense" if backend == "auto" else backend
+  if backend == "auto":
+    sparse = d <= MULTISCALE_MAX_DIM and grad == "envelope" and n * m >= AUTO_MULTISCALE_PAIRS
+    return "multiscale" if sparse else "dense"
+  if backend == "multiscale":
+    if d > MULTISCALE_MAX_DIM:
+      raise ValueError(
+        f"backend='multiscale' supports d <= {MULTISCALE_MAX_DIM}, got d = {d}: use 'dense' "
+        "(or 'auto', which picks it)."
+      )
+    if grad != "envelope":
+      raise ValueError(
+        "backend='multiscale' supports grad='envelope' only (its tile masks are rebuilt from "
+        "the potentials at every update); use backend='dense' for grad='unroll'."
+      )
+  return backend
 
 
 def _unroll_steps(x, y, blur, scaling, diameter) -> int:
@@ -374,6 +422,9 @@ def make_problem_and_settings(
   diameter=None,
   static_b=False,
   backend="auto",
+  truncate=10.0,
+  block_size=128,
+  tile_fraction=0.25,
 ) -> tuple[OTProblem, DivergenceSettings]:
   """Checks every argument of :func:`solve_divergence` and packs them; raises ``ValueError``
   or ``TypeError`` naming the first bad one. See :func:`solve_divergence` for the arguments."""
@@ -399,7 +450,10 @@ def make_problem_and_settings(
   validation.check_choice("grad", grad, ("envelope", "unroll"))
   if not isinstance(static_b, bool | np.bool_):
     raise TypeError(f"`static_b` must be a bool, got {static_b!r}.")
-  backend = resolve_backend(backend, x.shape[0], y.shape[0], x.shape[1])
+  backend = resolve_backend(backend, x.shape[0], y.shape[0], x.shape[1], grad)
+  validation.check_scalar("truncate", truncate, low=0.0)
+  block_size = validation.check_count("block_size", block_size)
+  validation.check_scalar("tile_fraction", tile_fraction, low=0.0, high=1.0, open_high=False)
   unroll_steps = _unroll_steps(x, y, blur, scaling, diameter) if grad == "unroll" else None
   settings = DivergenceSettings(
     blur=blur,
@@ -412,6 +466,9 @@ def make_problem_and_settings(
     static_b=bool(static_b),
     backend=backend,
     unroll_steps=unroll_steps,
+    truncate=truncate,
+    block_size=block_size,
+    tile_fraction=float(tile_fraction),
   )
   return OTProblem(x, y, a, b), settings
 
@@ -431,6 +488,9 @@ def solve_divergence(
   diameter: float | jax.Array | None = None,
   static_b: bool = False,
   backend: str = "auto",
+  truncate: float | jax.Array = 10.0,
+  block_size: int = 128,
+  tile_fraction: float = 0.25,
 ) -> DivergenceOutput:
   """Debiased Sinkhorn divergence with its potentials and convergence report.
 
@@ -490,7 +550,14 @@ def solve_divergence(
       return ``OT_ε(α, β) − ½ OT_ε(α, α) = S_ε + ½ OT_ε(β, β)``: the same gradient in ``x``
       and ``a`` (exactly, not just at convergence) for 3 softmins per update instead of 4.
       For training against a prior sample.
-    backend: ``"auto"`` (default) or one of :data:`gsae_jax.ot.problem.BACKENDS`.
+    backend: ``"auto"`` (default: :func:`resolve_backend`), ``"dense"`` (every pair, the
+      reference) or ``"multiscale"`` (d ≤ 3, envelope gradients: a coarse phase on grid
+      cells, then block-sparse softmins that drop only tiles provably carrying less than
+      ``e^{−truncate}`` of each row's mass; :mod:`gsae_jax.ot.multiscale_divergence`).
+    truncate: ``multiscale`` truncation ``T`` (traced; default 10).
+    block_size: ``multiscale`` points per block (static; default 128).
+    tile_fraction: ``multiscale`` tile-list capacity as a fraction of all tiles (static); a
+      softmin that overflows it runs densely and is counted in ``dense_fallbacks``.
 
   Returns:
     A :class:`~gsae_jax.ot.problem.DivergenceOutput`; its ``value`` is differentiable in
@@ -510,6 +577,9 @@ def solve_divergence(
     diameter=diameter,
     static_b=static_b,
     backend=backend,
+    truncate=truncate,
+    block_size=block_size,
+    tile_fraction=tile_fraction,
   )
   return _solve(problem, settings)
 
@@ -529,6 +599,9 @@ def sinkhorn_divergence(
   diameter: float | jax.Array | None = None,
   static_b: bool = False,
   backend: str = "auto",
+  truncate: float | jax.Array = 10.0,
+  block_size: int = 128,
+  tile_fraction: float = 0.25,
 ) -> jax.Array:
   """Debiased Sinkhorn divergence ``S_ε(α, β)`` as a differentiable scalar.
 
@@ -540,8 +613,8 @@ def sinkhorn_divergence(
 
   Args:
     x: ``[n, d]``; y: ``[m, d]``; a: ``[n]``; b: ``[m]`` (uniform by default).
-    blur, scaling, tol, max_iter, grad, chunk_size, diameter, static_b, backend: as in
-      :func:`solve_divergence`.
+    blur, scaling, tol, max_iter, grad, chunk_size, diameter, static_b, backend, truncate,
+      block_size, tile_fraction: as in :func:`solve_divergence`.
 
   Returns:
     Scalar ``S_ε`` (or ``S_ε + ½ OT_ε(β, β)`` with ``static_b``), differentiable in
@@ -561,4 +634,7 @@ def sinkhorn_divergence(
     diameter=diameter,
     static_b=static_b,
     backend=backend,
+    truncate=truncate,
+    block_size=block_size,
+    tile_fraction=tile_fraction,
   ).value

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gsae_jax.ot import validation
-from gsae_jax.ot.divergence import mass_violation, resolve_backend
+from gsae_jax.ot.divergence import mass_violation
 from gsae_jax.ot.problem import OTProblem, SinkhornOutput
 from gsae_jax.ot.softmin import softmin_kernel, softmin_with_mean_kernel
 
@@ -54,7 +54,7 @@ def sinkhorn(
     tol: target L1 marginal violation. max_iter: cap on update pairs (static).
     init: optional ``(f [n], g [m])`` true potentials to start from (default zeros).
     chunk_size: rows per softmin block (static).
-    backend: ``"auto"`` or one of :data:`gsae_jax.ot.problem.BACKENDS`.
+    backend: ``"auto"`` or ``"dense"`` (the only backend of the fixed-ε solver so far).
 
   Returns:
     A :class:`~gsae_jax.ot.problem.SinkhornOutput`.
@@ -65,7 +65,8 @@ def sinkhorn(
   validation.check_scalar("tol", tol, low=0.0)
   max_iter = validation.check_count("max_iter", max_iter)
   chunk_size = validation.check_count("chunk_size", chunk_size, allow_none=True)
-  backend = resolve_backend(backend, x.shape[0], y.shape[0], x.shape[1])
+  validation.check_choice("backend", backend, ("auto", "dense"))
+  backend = "dense"  # the fixed-ε solver has no block-sparse path yet
   n, m = x.shape[0], y.shape[0]
   if init is None:
     f0, g0 = jnp.zeros((n,), x.dtype), jnp.zeros((m,), x.dtype)

@@ -52,14 +52,23 @@ class OTProblem:
     return dataclasses.replace(self, x=x, y=y)
 
 
-BACKENDS = ("dense",)
+BACKENDS = ("dense", "multiscale")
 """Backends of the divergence and the fixed-ε solver (GeomLoss's vocabulary). ``"auto"``
 resolves to one of these before tracing; ``"dense"`` is the chunked exact path."""
 
 
 @_pytree(
-  data=("blur", "scaling", "tol", "diameter"),
-  meta=("max_iter", "grad", "chunk_size", "static_b", "backend", "unroll_steps"),
+  data=("blur", "scaling", "tol", "diameter", "truncate"),
+  meta=(
+    "max_iter",
+    "grad",
+    "chunk_size",
+    "static_b",
+    "backend",
+    "unroll_steps",
+    "block_size",
+    "tile_fraction",
+  ),
 )
 class DivergenceSettings:
   """Everything :func:`gsae_jax.ot.solve_divergence` needs besides the problem.
@@ -78,18 +87,26 @@ class DivergenceSettings:
     static_b: skip the target's self-term ``OT_ε(β, β)``.
     backend: one of :data:`BACKENDS` (resolved, never ``"auto"``).
     unroll_steps: static scan length of the annealing in ``"unroll"`` mode (else ``None``).
+    truncate: ``multiscale`` only: a dropped tile carries less than ``e^{−truncate}`` of each
+      row's mass given the current potentials.
+    block_size: ``multiscale`` only: points per block (tiles are ``block_size²`` pairs).
+    tile_fraction: ``multiscale`` only: static capacity of each tile list, as a fraction of
+      all tiles; a softmin whose kept tiles overflow it runs densely and is counted.
   """
 
   blur: jax.Array | float
   scaling: jax.Array | float
   tol: jax.Array | float | None
   diameter: jax.Array | float | None
+  truncate: jax.Array | float = 10.0
   max_iter: int = 1000
   grad: str = "envelope"
   chunk_size: int | None = None
   static_b: bool = False
   backend: str = "dense"
   unroll_steps: int | None = None
+  block_size: int = 128
+  tile_fraction: float = 0.25
 
 
 @_pytree(
@@ -102,6 +119,8 @@ class DivergenceSettings:
     "iterations",
     "marginal_violation",
     "converged",
+    "dense_fallbacks",
+    "kept_tile_fraction",
   ),
   meta=("backend",),
 )
@@ -123,6 +142,10 @@ class DivergenceOutput:
       (its own test reads one side of the cross plan, so ``marginal_violation`` may sit
       slightly above ``tol``); always ``False`` in annealed mode (``tol=None``), which runs a
       fixed schedule and tests nothing.
+    dense_fallbacks: ``multiscale``: the number of softmins whose kept tiles overflowed the
+      tile list's capacity and which therefore ran densely (exact, slower); 0 for ``dense``.
+    kept_tile_fraction: ``multiscale``: kept tiles over all tiles, averaged over the
+      block-sparse softmins (the share of pairs evaluated); 1 for ``dense``.
     backend: the backend that ran (``"auto"`` resolved).
   """
 
@@ -134,6 +157,8 @@ class DivergenceOutput:
   iterations: jax.Array
   marginal_violation: jax.Array
   converged: jax.Array
+  dense_fallbacks: jax.Array
+  kept_tile_fraction: jax.Array
   backend: str = "dense"
 
 

@@ -53,6 +53,7 @@ class ExperimentConfig:
   resample_freq: int = GSAEConfig.resample_freq
   encode_chunk: int = GSAEConfig.encode_chunk
   prior_self_term: bool = GSAEConfig.prior_self_term
+  ot_backend: str = GSAEConfig.ot_backend
   dataset: str = "mnist5k"
   n_train: int | None = None
   n_test: int | None = None
@@ -80,7 +81,13 @@ class ExperimentConfig:
       resample_freq=self.resample_freq,
       encode_chunk=self.encode_chunk,
       prior_self_term=self.prior_self_term,
+      ot_backend=self.ot_backend,
     )
+
+
+# Settings a resumed run may change: the schedule, logging and the OT backend (a speed choice;
+# every backend computes the same divergence, BUILD_NOTES "Multiscale").
+_RESUMABLE_CHANGES = ("epochs", "eval_every", "log_every_s", "ot_backend")
 
 
 def _log(msg: str) -> None:
@@ -120,7 +127,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, floa
     diff = {
       k: (saved.get(k), v)
       for k, v in cfg_dict.items()
-      if k not in ("epochs", "eval_every", "log_every_s") and saved.get(k) != v
+      if k not in _RESUMABLE_CHANGES and saved.get(k) != v
     }
     if diff:
       raise ValueError(

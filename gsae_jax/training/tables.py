@@ -146,7 +146,7 @@ def _check_same_config(run_dir: pathlib.Path, cfg: ExperimentConfig) -> None:
   diff = {
     k: (saved.get(k), v)
     for k, v in dataclasses.asdict(cfg).items()
-    if k != "log_every_s" and saved.get(k) != v
+    if k not in ("log_every_s", "ot_backend") and saved.get(k) != v
   }
   if diff:
     raise ValueError(

@@ -1,0 +1,721 @@
+"""Block-sparse, truncated softmin for low-dimensional clouds (the multiscale kernel).
+
+Convention (as :mod:`gsae_jax.ot.softmin`, GeomLoss ``SamplesLoss("sinkhorn", p=2)``): cost
+``C(x, y) = ½‖x − y‖²``, temperature ``ε``, and the softmin of *true* potentials
+
+    f̃_i = −ε · log Σ_j exp( log b_j + (g_j − C(x_i, y_j)) / ε ).
+
+In dimension ``d ≤ 3`` almost every pair ``(i, j)`` carries a negligible share of row ``i``'s
+mass at small ``ε`` (MULTISCALE.md §1). This module evaluates the softmin on a sparse set of
+*tiles* only, following the multiscale backend of GeomLoss (Feydy et al. 2019, "Interpolating
+between optimal transport and MMD using Sinkhorn divergences"; ``geomloss`` ``multiscale``) in the
+static-shape form of MULTISCALE.md §3:
+
+1. :func:`make_blocks` orders a cloud along a Hilbert curve (:func:`hilbert_permutation`), pads
+   it with zero-mass points to ``nb·B`` and cuts it into ``nb`` blocks of ``B`` neighbours, each
+   with its bounding box.
+2. :func:`keep_tiles` keeps the tile ``(I, J)`` (row block ``I`` × column block ``J``) unless an
+   upper bound proves that it carries less than ``e^{−T}`` of every row's mass, given the
+   current potentials (never a distance-only cut-off). :func:`tile_list` flattens the kept
+   tiles into a static-capacity list and reports their true count, so overflow is detectable.
+3. :func:`block_sparse_softmin` computes the softmin over the listed tiles: ``B × B`` logits per
+   tile, a per-row max and sum of exponentials, merged across a row block's tiles by an online
+   log-sum-exp, a chunk of tiles at a time. Its custom VJP recomputes the tiles, so both passes
+   hold ``O(n + m)`` memory plus one chunk of logits.
+
+Truncation bound (proved in :func:`keep_tiles`): with ``f`` the row potentials given to the
+test and ``N_I`` the number of tiles dropped from row block ``I``, every row ``i`` of ``I`` gets
+
+    0 ≤ f̃_i^{kept} − f̃_i ≤ −ε · log(1 − δ_i),   δ_i = N_I · e^{−T} · e^{(f̃_i − f_i)/ε},
+
+i.e. ``≈ ε · N_I · e^{−T}`` at the fixed point ``f = f̃`` (when ``δ_i < 1``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gsae_jax.ot import validation
+
+# Tiles per chunk are sized so that one chunk holds about this many logits (4 MiB in float32,
+# the L3-resident block size of the dense kernel, gsae_jax.ot.softmin). Measured at n = 60 000,
+# B = 128 (2-core CPU): 16 / 32 / 64 / 128 tiles per chunk took 0.140 / 0.112 / 0.107 / 0.105 s.
+_CHUNK_ENTRIES = 1 << 20
+# MULTISCALE.md §1 (measured, flower vs flower, converged potentials): T = 10 keeps 1.4 % of
+# pairs and moves an f-update by ≤ 2e-10, below float32 resolution of the potentials.
+DEFAULT_TRUNCATE = 10.0
+# Hilbert keys are uint32: d · bits ≤ 32.
+_MAX_BITS = {1: 32, 2: 16, 3: 10}
+
+
+class Blocks(NamedTuple):
+  """A cloud sorted along a Hilbert curve and cut into ``nb`` blocks of ``B`` points.
+
+  Sorted position ``k = I·B + r`` holds the original point ``perm[k]`` for ``k < n``; positions
+  ``k ≥ n`` are padding (a copy of the last point, log-weight ``−inf``, i.e. zero mass).
+
+  Attributes:
+    points: ``[nb, B, d]`` sorted, padded points.
+    log_weights: ``[nb, B]`` log-masses ``log b``; ``−inf`` on padding.
+    valid: ``[nb, B]`` bool, false on padding.
+    perm: ``[n]`` int32 original index of each sorted point.
+    lo: ``[nb, d]`` lower corner of each block's bounding box (valid points only).
+    hi: ``[nb, d]`` upper corner.
+  """
+
+  points: jax.Array
+  log_weights: jax.Array
+  valid: jax.Array
+  perm: jax.Array
+  lo: jax.Array
+  hi: jax.Array
+
+
+class TileList(NamedTuple):
+  """Kept ``(row block, column block)`` tiles, sorted by row block, in a static capacity.
+
+  Attributes:
+    rows: ``[capacity]`` int32 row-block ids, non-decreasing; padding entries hold ``nbx``.
+    cols: ``[capacity]`` int32 column-block ids; padding entries hold ``nby``.
+    count: int32 scalar, the number of kept tiles. ``count > capacity`` means the list
+      overflowed: tiles were lost and the softmin is wrong (see :func:`overflowed`).
+  """
+
+  rows: jax.Array
+  cols: jax.Array
+  count: jax.Array
+
+
+# --------------------------------------------------------------------------------------------
+# Hilbert order
+
+
+def _check_bits(d: int, bits: int | None) -> int:
+  if d < 1 or d > 3:
+    raise ValueError(f"The multiscale kernel supports dimension d = 1, 2 or 3, got d = {d}.")
+  if bits is None:
+    return _MAX_BITS[d] if d > 1 else 16
+  if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= _MAX_BITS[d]:
+    raise ValueError(f"`bits` must be an int in [1, {_MAX_BITS[d]}] for d = {d}, got {bits!r}.")
+  return bits
+
+
+def hilbert_index(q: jax.Array, bits: int) -> jax.Array:
+  """Index along the Hilbert curve of integer grid points (Skilling 2004, "Programming the
+  Hilbert curve", ``AxestoTranspose`` then bit interleaving).
+
+  Consecutive indices are grid cells at unit L1 distance, which is why blocks of consecutive
+  points have small bounding boxes (Morton order jumps; MULTISCALE.md §3.1). Branch-free and
+  jittable: the loops below run over the static ``bits`` and ``d``, not over data.
+
+  Args:
+    q: ``[n, d]`` integer coordinates in ``[0, 2^bits)``, ``d = 2`` or ``3``.
+    bits: bits per coordinate (static), ``d · bits ≤ 32``.
+
+  Returns:
+    ``[n]`` uint32 Hilbert index in ``[0, 2^{d·bits})``.
+  """
+  d = q.shape[1]
+  if d * bits > 32:
+    raise ValueError(f"`bits` = {bits} too large for d = {d}: need d · bits ≤ 32.")
+  xs = [q[:, k].astype(jnp.uint32) for k in range(d)]
+  # Inverse undo of the excess work of the Gray code (Skilling's first loop).
+  bit = 1 << (bits - 1)
+  while bit > 1:
+    low = jnp.uint32(bit - 1)
+    for i in range(d):
+      on = (xs[i] & jnp.uint32(bit)) != 0
+      if i == 0:
+        xs[0] = jnp.where(on, xs[0] ^ low, xs[0])
+      else:
+        t = (xs[0] ^ xs[i]) & low
+        xs[0], xs[i] = jnp.where(on, xs[0] ^ low, xs[0] ^ t), jnp.where(on, xs[i], xs[i] ^ t)
+    bit >>= 1
+  # Gray encode.
+  for i in range(1, d):
+    xs[i] = xs[i] ^ xs[i - 1]
+  t = jnp.zeros_like(xs[0])
+  bit = 1 << (bits - 1)
+  while bit > 1:
+    t = jnp.where((xs[d - 1] & jnp.uint32(bit)) != 0, t ^ jnp.uint32(bit - 1), t)
+    bit >>= 1
+  xs = [x ^ t for x in xs]
+  # The "transposed" index: bit b of axis 0, 1, .., d − 1, from the top bit down.
+  key = jnp.zeros_like(xs[0])
+  for b in range(bits - 1, -1, -1):
+    for i in range(d):
+      key = (key << 1) | ((xs[i] >> b) & jnp.uint32(1))
+  return key
+
+
+def hilbert_permutation(
+  points: jax.Array, lo: jax.Array | None = None, hi: jax.Array | None = None, bits=None
+) -> jax.Array:
+  """In-graph order of points along a Hilbert curve of their quantised coordinates.
+
+  The points (gradients stopped) are quantised on an isotropic grid of ``2^bits`` cells per axis
+  spanning the cube of side ``max_k(hi_k − lo_k)`` at ``lo``; points outside ``[lo, hi]`` are
+  clipped to the border cells. Ties are broken by the original index (stable sort). In ``d = 1``
+  this is a plain sort of the coordinate.
+
+  Args:
+    points: ``[n, d]`` points, ``d ≤ 3``; may be traced.
+    lo: ``[d]`` lower corner of the grid (default: the points' minimum).
+    hi: ``[d]`` upper corner (default: the points' maximum).
+    bits: bits per axis (static; default 16 for ``d = 2``, 10 for ``d = 3``).
+
+  Returns:
+    ``[n]`` int32 permutation: ``points[perm]`` is in Hilbert order.
+  """
+  points = validation.as_array("points", points)
+  if points.ndim != 2:
+    raise ValueError(f"`points` must be a [n, d] array, got shape {points.shape}.")
+  d = points.shape[1]
+  bits = _check_bits(d, bits)
+  p = jax.lax.stop_gradient(points)
+  if d == 1:
+    return jnp.argsort(p[:, 0], stable=True).astype(jnp.int32)
+  lo = jnp.min(p, axis=0) if lo is None else jax.lax.stop_gradient(jnp.asarray(lo, p.dtype))
+  hi = jnp.max(p, axis=0) if hi is None else jax.lax.stop_gradient(jnp.asarray(hi, p.dtype))
+  side = jnp.max(hi - lo)
+  scale = jnp.where(side > 0, (2.0**bits) / jnp.where(side > 0, side, 1.0), 0.0)
+  q = jnp.clip(jnp.floor((p - lo) * scale), 0, 2**bits - 1).astype(jnp.uint32)
+  return jnp.argsort(hilbert_index(q, bits), stable=True).astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks
+
+
+def make_blocks(
+  points: jax.Array,
+  log_weights: jax.Array | None,
+  block_size: int,
+  lo: jax.Array | None = None,
+  hi: jax.Array | None = None,
+  bits: int | None = None,
+) -> Blocks:
+  """Sorts a cloud along its Hilbert curve and cuts it into blocks of ``block_size`` points.
+
+  The cloud is padded to ``nb·B`` points (``nb = ⌈n / B⌉``) with copies of its last sorted point
+  whose log-weight is ``−inf`` (zero mass), so only the last block holds padding and every block
+  holds at least one valid point. Differentiable in ``points`` and ``log_weights`` (a gather);
+  the order and the boxes are computed on stopped gradients.
+
+  Args:
+    points: ``[n, d]`` points, ``d ≤ 3``; may be traced.
+    log_weights: ``[n]`` log-masses ``log b`` (``−inf`` allowed), or ``None`` for ``−log n``.
+    block_size: ``B``, points per block (static).
+    lo: optional ``[d]`` grid corner for :func:`hilbert_permutation`.
+    hi: optional ``[d]`` grid corner.
+    bits: optional Hilbert grid resolution per axis.
+
+  Returns:
+    :class:`Blocks`.
+  """
+  points = validation.as_array("points", points)
+  if points.ndim != 2 or points.shape[0] == 0:
+    raise ValueError(f"`points` must be a non-empty [n, d] array, got shape {points.shape}.")
+  n, d = points.shape
+  _check_bits(d, bits)
+  bs = validation.check_count("block_size", block_size)
+  dtype = validation.working_dtype(points.dtype)
+  points = points.astype(dtype)
+  if log_weights is None:
+    log_weights = jnp.full((n,), -math.log(n), dtype)
+  log_weights = validation.as_array("log_weights", log_weights).astype(dtype)
+  if log_weights.shape != (n,):
+    raise ValueError(f"`log_weights` must be a [{n}] vector, got shape {log_weights.shape}.")
+  nb = -(-n // bs)
+  pad = nb * bs - n
+  perm = hilbert_permutation(points, lo, hi, bits)
+  pts = points[perm]
+  lw = log_weights[perm]
+  if pad:
+    pts = jnp.concatenate([pts, jnp.broadcast_to(pts[-1:], (pad, d))])
+    lw = jnp.concatenate([lw, jnp.full((pad,), -jnp.inf, dtype)])
+  valid = (jnp.arange(nb * bs) < n).reshape(nb, bs)
+  pts = pts.reshape(nb, bs, d)
+  stat = jax.lax.stop_gradient(pts)
+  lo_b = jnp.min(jnp.where(valid[..., None], stat, jnp.inf), axis=1)
+  hi_b = jnp.max(jnp.where(valid[..., None], stat, -jnp.inf), axis=1)
+  return Blocks(pts, lw.reshape(nb, bs), valid, perm, lo_b, hi_b)
+
+
+def to_blocks(blocks: Blocks, values: jax.Array, fill=0.0) -> jax.Array:
+  """Per-point values in the original order ``[n, ...]`` → block layout ``[nb, B, ...]``.
+
+  Padding entries get ``fill``. Differentiable (a gather).
+  """
+  nb, bs = blocks.valid.shape
+  values = jnp.asarray(values)
+  v = values[blocks.perm]
+  pad = nb * bs - v.shape[0]
+  if pad:
+    v = jnp.concatenate([v, jnp.full((pad,) + v.shape[1:], fill, v.dtype)])
+  return v.reshape((nb, bs) + v.shape[1:])
+
+
+def from_blocks(blocks: Blocks, values: jax.Array) -> jax.Array:
+  """Block layout ``[nb, B, ...]`` → original order ``[n, ...]`` (padding dropped).
+
+  Scatters sorted entry ``k`` back to ``perm[k]``; differentiable (a scatter).
+  """
+  n = blocks.perm.shape[0]
+  flat = values.reshape((-1,) + values.shape[2:])[:n]
+  return jnp.zeros_like(flat).at[blocks.perm].set(flat, unique_indices=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Tile selection
+
+
+def _lse_last(h: jax.Array) -> jax.Array:
+  """Log-sum-exp over the last axis; ``−inf`` where all entries are ``−inf``."""
+  mx = jnp.max(h, axis=-1)
+  safe = jnp.where(jnp.isfinite(mx), mx, 0.0)
+  return safe + jnp.log(jnp.sum(jnp.exp(h - safe[..., None]), axis=-1))
+
+
+def _block_frames(blocks: Blocks, v: jax.Array):
+  """Per block: box centre ``c [nb, d]``, half-widths ``r [nb, d]``, offsets ``u = p − c``
+  ``[nb, B, d]`` (``|u_k| ≤ r_k`` on valid points) and a slope ``a [nb, d]`` of
+  ``v − ½‖u‖²`` (ridge-regularised least squares over the valid, finite entries).
+
+  Any slope keeps the bounds of :func:`tile_log_bounds` valid; a good one makes them tight:
+  near the fixed point ``f − ½‖x‖²`` is minus a convex Brenier potential, so its residual
+  after the slope is small and non-positive around the block.
+  """
+  c = 0.5 * (blocks.lo + blocks.hi)
+  r = 0.5 * (blocks.hi - blocks.lo)
+  u = jax.lax.stop_gradient(blocks.points) - c[:, None, :]
+  v = v - 0.5 * jnp.sum(u * u, axis=-1)
+  ok = blocks.valid & jnp.isfinite(v)
+  w = ok.astype(v.dtype)
+  cnt = jnp.maximum(jnp.sum(w, axis=1), 1.0)
+  du = w[..., None] * (u - (jnp.sum(w[..., None] * u, axis=1) / cnt[:, None])[:, None, :])
+  dv = jnp.where(ok, v - (jnp.sum(jnp.where(ok, v, 0.0), axis=1) / cnt)[:, None], 0.0)
+  cov = jnp.einsum("nbi,nbj->nij", du, du)
+  d = u.shape[-1]
+  ridge = 1e-6 * jnp.trace(cov, axis1=1, axis2=2) / d + jnp.finfo(v.dtype).tiny
+  lhs = cov + ridge[:, None, None] * jnp.eye(d, dtype=v.dtype)
+  a = jnp.linalg.solve(lhs, jnp.einsum("nbi,nb->ni", du, dv)[..., None])[..., 0]
+  return c, r, u, jnp.where(jnp.isfinite(a), a, 0.0)
+
+
+def _map_blocks(fn, n_blocks: int, per_block: int):
+  """``lax.map`` of ``fn(ids [k]) -> [k, ...]`` over chunks of block ids, about 2^20 entries of
+  ``per_block`` each per chunk; ids past ``n_blocks`` are clipped and their rows dropped."""
+  k = max(1, min(n_blocks, _CHUNK_ENTRIES // max(per_block, 1)))
+  ids = jnp.minimum(jnp.arange(-(-n_blocks // k) * k), n_blocks - 1).reshape(-1, k)
+  out = jax.lax.map(fn, ids)
+  return out.reshape((-1,) + out.shape[2:])[:n_blocks]
+
+
+def tile_log_bounds(
+  bx: Blocks, by: Blocks, f_blocks: jax.Array, g_blocks: jax.Array, eps
+) -> jax.Array:
+  """Upper bound ``U_IJ ≥ max_{i∈I} [f_i/ε + log S_iJ]``, ``S_iJ = Σ_{j∈J} exp(log b_j +
+  (g_j − C_ij)/ε)``: the log of the largest share of a row's mass the tile can hold when ``f``
+  is the softmin of ``g`` (at the fixed point ``Σ_J S_iJ = e^{−f_i/ε}``).
+
+  The minimum of three rigorous bounds. Notation: box centres ``c``, half-widths ``r`` (row
+  blocks) and ``ρ`` (column blocks), offsets ``u_i = x_i − c_I`` (``|u_ik| ≤ r_Ik``) and
+  ``v_j = y_j − c_J``; ``a_I``, ``β_J`` are per-block slopes of ``f − ½‖u‖²`` and
+  ``g − ½‖v‖²`` (any slopes keep the bounds valid; least squares make them tight).
+
+  1. **Box** (MULTISCALE.md §3.3), ``O(nbx·nby)``: ``C_ij ≥ ½ dist²(box_I, box_J)``, so
+     ``U ≤ max_I f/ε + LSE_{j∈J}(log b_j + g_j/ε) − ½ dist²(box_I, box_J)/ε``.
+  2. **Row block vs column point**, ``O(nbx·m)``: with ``w_j = c_I − y_j``, exactly
+     ``C_ij = ½‖w_j‖² + ⟨w_j, u_i⟩ + ½‖u_i‖²``, hence
+     ``f_i − C_ij ≤ F_I + Σ_k |a_Ik − w_jk| r_Ik − ½‖w_j‖²`` with
+     ``F_I = max_{i∈I}(f_i − ½‖u_i‖² − ⟨a_I, u_i⟩)``, and
+     ``U ≤ LSE_{j∈J}(log b_j + (g_j + F_I + Σ_k |a_Ik − w_jk| r_Ik − ½‖w_j‖²)/ε)``.
+  3. **Row point vs column block**, ``O(n·nby)``: with ``z_i = x_i − c_J``,
+     ``g_j − C_ij ≤ ĝ_j + Σ_k |β_Jk + z_ik| ρ_Jk − ½‖z_i‖²``, ``ĝ_j = g_j − ½‖v_j‖² − ⟨β_J, v_j⟩``,
+     and ``U ≤ max_{i∈I} [f_i + Σ_k |β_Jk + z_ik| ρ_Jk − ½‖z_i‖²]/ε + LSE_{j∈J}(log b_j + ĝ_j/ε)``.
+
+  The box bound loses ``≈ (|∇f| r + |Δ| (r + ρ))/ε`` to the linear variation of ``f`` and of
+  ``C`` across a box; bounds 2 and 3 cancel it (``a_I ≈ w_j`` and ``β_J ≈ −z_i`` on relevant
+  pairs) and lose only ``r·(distance in y)`` resp. ``ρ·(distance in x)``. Measured at T = 10,
+  converged potentials, n ≈ 2 000, B = 32, ε = 0.05² (kept fraction of pairs): flower vs
+  0.5·Gaussian, box 86 %, bound 2 or 3 alone 23–24 %, the minimum 18 %, an exact per-tile test
+  13 %; flower vs flower, box 15 %, minimum 11.5 %, exact 8.6 %. Bounds 2 and 3 evaluate
+  ``nbx·m + n·nby`` point-block pairs (``2/B`` of a dense pass) in a chunked ``lax.map``: at
+  n = m = 60 000, B = 128, float32, 0.07 s on the 2-core CPU, less than one truncated softmin.
+
+  Args:
+    bx: row :class:`Blocks` (``nbx`` blocks).
+    by: column :class:`Blocks` (``nby`` blocks).
+    f_blocks: ``[nbx, B_x]`` row potentials in ``bx``'s layout (padding ignored).
+    g_blocks: ``[nby, B_y]`` column potentials in ``by``'s layout (padding ignored).
+    eps: positive scalar temperature.
+
+  Returns:
+    ``[nbx, nby]`` bounds; ``−inf`` for a massless column block, possibly ``NaN`` where the
+    potentials are not finite (:func:`keep_tiles` keeps such tiles).
+  """
+  if f_blocks.shape != bx.valid.shape:
+    raise ValueError(f"`f_blocks` must have shape {bx.valid.shape}, got {f_blocks.shape}.")
+  if g_blocks.shape != by.valid.shape:
+    raise ValueError(f"`g_blocks` must have shape {by.valid.shape}, got {g_blocks.shape}.")
+  dtype = bx.lo.dtype
+  nbx, bxs, d = bx.points.shape
+  nby, bys, _ = by.points.shape
+  inv_eps = 1.0 / jax.lax.stop_gradient(jnp.asarray(eps, dtype))
+  f = jnp.where(bx.valid, jax.lax.stop_gradient(f_blocks).astype(dtype), -jnp.inf)
+  g = jnp.where(by.valid, jax.lax.stop_gradient(g_blocks).astype(dtype), 0.0)
+  lw = jnp.where(by.valid, jax.lax.stop_gradient(by.log_weights).astype(dtype), -jnp.inf)
+  x = jax.lax.stop_gradient(bx.points).astype(dtype)
+  y = jax.lax.stop_gradient(by.points).astype(dtype)
+
+  # 1. Box.
+  dist2 = jnp.zeros((nbx, nby), dtype)
+  for k in range(d):  # static d ≤ 3: [nbx, nby] planes
+    gap = jnp.maximum(by.lo[None, :, k] - bx.hi[:, None, k], bx.lo[:, None, k] - by.hi[None, :, k])
+    dist2 = dist2 + jnp.square(jnp.maximum(gap, 0.0))
+  f_max = jnp.max(f, axis=1)
+  box = (f_max[:, None] - 0.5 * dist2) * inv_eps + _lse_last(lw + g * inv_eps)[None, :]
+
+  # 2. Row block vs column point.
+  c_i, r_i, u_i, a_i = _block_frames(bx, f)
+  f_hat = jnp.max(f - 0.5 * jnp.sum(u_i * u_i, -1) - jnp.sum(a_i[:, None] * u_i, -1), axis=1)
+  h = lw + g * inv_eps
+
+  def row_block_bound(ids):  # [k] row blocks -> [k, nby]; [k, nby, B_y] planes, one per axis
+    s = jnp.broadcast_to(f_hat[ids][:, None, None], (ids.shape[0],) + h.shape)
+    for k in range(d):
+      w = c_i[ids, k][:, None, None] - y[None, :, :, k]
+      s = s + jnp.abs(a_i[ids, k][:, None, None] - w) * r_i[ids, k][:, None, None] - 0.5 * w * w
+    return _lse_last(h[None] + s * inv_eps)
+
+  bound_2 = _map_blocks(row_block_bound, nbx, nby * bys)
+
+  # 3. Row point vs column block.
+  c_j, r_j, v_j, b_j = _block_frames(by, g)
+  g_hat = g - 0.5 * jnp.sum(v_j * v_j, -1) - jnp.sum(b_j[:, None] * v_j, -1)
+  g_lse = _lse_last(lw + g_hat * inv_eps)  # [nby]
+
+  def col_block_bound(ids):  # [k] column blocks -> [k, nbx]
+    s = jnp.broadcast_to(f[None], (ids.shape[0],) + f.shape)
+    for k in range(d):
+      z = x[None, :, :, k] - c_j[ids, k][:, None, None]
+      s = s + jnp.abs(b_j[ids, k][:, None, None] + z) * r_j[ids, k][:, None, None] - 0.5 * z * z
+    return jnp.max(s, axis=-1) * inv_eps
+
+  bound_3 = _map_blocks(col_block_bound, nby, nbx * bxs).T + g_lse[None, :]
+  return jnp.minimum(box, jnp.minimum(bound_2, bound_3))
+
+
+def keep_tiles(
+  bx: Blocks,
+  by: Blocks,
+  f_blocks: jax.Array,
+  g_blocks: jax.Array,
+  eps,
+  truncate: float = DEFAULT_TRUNCATE,
+) -> jax.Array:
+  """Rigorous tile test: keeps ``(I, J)`` unless it provably holds ``< e^{−T}`` of each row's mass.
+
+  With ``f`` the rows' current potentials, the tile is dropped only when, for every ``i ∈ I``,
+
+      Σ_{j∈J} exp(log b_j + (g_j − C_ij)/ε) ≤ e^{−T} · exp(−f_i/ε),
+
+  which holds whenever the bound of :func:`tile_log_bounds` is ``≤ −T`` (per-block maxima of
+  ``f``, per-block log-sum-exps of ``log b + g/ε`` and box geometry; never a distance-only
+  cut-off). At the fixed point ``Σ_j exp(log b_j + (g_j + f_i − C_ij)/ε) = 1`` this says the
+  tile carries less than ``e^{−T}`` of row ``i``'s mass (MULTISCALE.md §3.3; GeomLoss's
+  multiscale test is the analogue on cluster centroids, without a guarantee). Massless column
+  blocks are dropped (they contribute exactly 0); tiles with a non-finite bound are kept.
+
+  **Error bound.** Let ``f̃`` be the exact softmin of ``g`` and ``N_I`` the number of tiles
+  dropped from row block ``I``. The dropped sum of row ``i`` is at most
+  ``N_I e^{−T} e^{−f_i/ε}``, a fraction ``δ_i = N_I e^{−T} e^{(f̃_i − f_i)/ε}`` of the full
+  sum ``e^{−f̃_i/ε}``, so the truncated softmin satisfies
+  ``0 ≤ f̃_i^{kept} − f̃_i ≤ −ε log(1 − δ_i)`` (``≈ ε N_I e^{−T}`` at ``f = f̃``), up to the
+  rounding of the bound itself.
+
+  **No empty row block.** Each row block also keeps its tile of largest bound
+  ``argmax_J U_IJ`` (first such ``J`` on ties), so every row gets partners even from stale
+  potentials (a cold start ``f ≪ f̃``). Near the fixed point this is never needed: since
+  ``Σ_J S_iJ = e^{−f̃_i/ε}``, some ``J`` has ``S_iJ ≥ e^{−f̃_i/ε}/nby``, hence
+  ``U_IJ ≥ (f_i − f̃_i)/ε − log nby``, and the test alone keeps that tile as soon as some
+  ``i ∈ I`` has ``f_i − f̃_i > −ε (T − log nby)``.
+
+  Args:
+    bx: row :class:`Blocks`.
+    by: column :class:`Blocks`.
+    f_blocks: ``[nbx, B_x]`` current row potentials (padding ignored).
+    g_blocks: ``[nby, B_y]`` column potentials.
+    eps: positive scalar temperature.
+    truncate: ``T`` (default 10: 1.4 % of pairs at converged potentials on flower clouds,
+      MULTISCALE.md §1; the per-tile relative error ``e^{−10} ≈ 4.5e-5``).
+
+  Returns:
+    ``[nbx, nby]`` bool mask of kept tiles; every row has at least one ``True``.
+  """
+  bound = tile_log_bounds(bx, by, f_blocks, g_blocks, eps)
+  massive = jnp.any(by.valid & (by.log_weights > -jnp.inf), axis=1)
+  keep = ~(bound <= -truncate) & massive[None, :]  # NaN bound: kept
+  best = jax.nn.one_hot(jnp.argmax(bound, axis=1), bound.shape[1], dtype=jnp.bool_)
+  return keep | best
+
+
+def tile_list(keep: jax.Array, capacity: int) -> TileList:
+  """Flat, row-sorted list of the kept tiles in a static ``capacity`` (``jnp.nonzero``).
+
+  Padding entries hold the out-of-range ids ``(nbx, nby)``, which the kernel skips. If more
+  than ``capacity`` tiles are kept, the first ``capacity`` in row-major order are listed and
+  ``count > capacity`` flags the overflow: the caller must check :func:`overflowed` (outside
+  ``jit``, or with ``jnp.where`` inside) and enlarge the capacity or fall back to the dense
+  kernel (the jax-md ``cell_list`` pattern).
+
+  Args:
+    keep: ``[nbx, nby]`` bool mask from :func:`keep_tiles`.
+    capacity: static list length (see :func:`tile_capacity`).
+
+  Returns:
+    :class:`TileList`.
+  """
+  capacity = validation.check_count("capacity", capacity)
+  if keep.ndim != 2:
+    raise ValueError(f"`keep` must be a [nbx, nby] mask, got shape {keep.shape}.")
+  nbx, nby = keep.shape
+  rows, cols = jnp.nonzero(keep, size=capacity, fill_value=(nbx, nby))
+  count = jnp.sum(keep, dtype=jnp.int32)
+  return TileList(rows.astype(jnp.int32), cols.astype(jnp.int32), count)
+
+
+def overflowed(tiles: TileList) -> jax.Array:
+  """True when the list lost tiles (``count > capacity``): the softmin is then wrong."""
+  return tiles.count > tiles.rows.shape[0]
+
+
+def tile_capacity(keep, margin: float = 0.25, multiple: int = 1) -> int:
+  """Host helper: a capacity for the concrete mask ``keep`` with a relative ``margin``.
+
+  Returns ``⌈count · (1 + margin)⌉`` rounded up to a multiple of ``multiple`` (e.g. the
+  kernel's tiles per chunk), at least 1 and at most ``nbx·nby`` rounded up the same way.
+  """
+  keep = np.asarray(keep)
+  if keep.ndim != 2:
+    raise ValueError(f"`keep` must be a concrete [nbx, nby] mask, got shape {keep.shape}.")
+  if not margin >= 0:
+    raise ValueError(f"`margin` must be >= 0, got {margin!r}.")
+  multiple = validation.check_count("multiple", multiple)
+  count = int(np.count_nonzero(keep))
+  cap = min(max(1, math.ceil(count * (1.0 + margin))), keep.size)
+  return -(-cap // multiple) * multiple
+
+
+def default_tiles_per_chunk(bx_size: int, by_size: int) -> int:
+  """Tiles per chunk: about 2^20 logits (``4 MiB`` in float32) per chunk."""
+  return max(1, _CHUNK_ENTRIES // (bx_size * by_size))
+
+
+# --------------------------------------------------------------------------------------------
+# The kernel
+
+
+def _chunks(rows, cols, count, nbx, nby, chunk):
+  # Dead entries (past `count`, or out of range) get the ids (nbx, nby): every scatter below
+  # uses mode="drop", so they contribute nothing; gathers clip them to a real block.
+  cap = rows.shape[0]
+  live = (jnp.arange(cap) < count) & (rows >= 0) & (rows < nbx) & (cols >= 0) & (cols < nby)
+  rows = jnp.where(live, rows, nbx).astype(jnp.int32)
+  cols = jnp.where(live, cols, nby).astype(jnp.int32)
+  pad = (-cap) % chunk
+  if pad:
+    rows = jnp.concatenate([rows, jnp.full((pad,), nbx, jnp.int32)])
+    cols = jnp.concatenate([cols, jnp.full((pad,), nby, jnp.int32)])
+  return rows.reshape(-1, chunk), cols.reshape(-1, chunk)
+
+
+def _tile_logits(xs, ys_scaled, hh):
+  # [K, Bx, By] = hh_j + <x'_i, y'_j>/eps by broadcast multiply-adds (d ≤ 3; XLA fuses them with
+  # the max/exp, as in the dense kernel's _block_logits).
+  s = hh[:, None, :]
+  for k in range(xs.shape[-1]):
+    s = s + xs[:, :, None, k] * ys_scaled[:, None, :, k]
+  return s
+
+
+def _gather_tile(x_c, y, h, centers, r, c, inv_eps):
+  """Centred tile operands: rows x' = x − c_I, columns y' = y − c_I, ĥ = h − ½‖y'‖²/ε.
+
+  ``C_ij/ε = ½‖x'_i‖²/ε + ½‖y'_j‖²/ε − ⟨x'_i, y'_j⟩/ε``; the row term is the same for all tiles
+  of a row block (same centre) and is added once at the end. Centring each tile on its row
+  block keeps every term small (|x'| ≤ box size), so float32 loses nothing to cancellation.
+  """
+  rc = jnp.minimum(r, x_c.shape[0] - 1)
+  cc = jnp.minimum(c, y.shape[0] - 1)
+  xs = x_c[rc]
+  ys = y[cc] - centers[rc][:, None, :]
+  hh = h[cc] - (0.5 * inv_eps) * jnp.sum(ys * ys, axis=-1)
+  return rc, xs, ys, hh
+
+
+def _forward(x, y, h, eps, centers, rows, cols, count, chunk):
+  nbx, bxs, _ = x.shape
+  nby = y.shape[0]
+  inv_eps = 1.0 / eps
+  x_c = x - centers[:, None, :]
+  rs, cs = _chunks(rows, cols, count, nbx, nby, chunk)
+
+  def work(carry, r, c):
+    m_acc, s_acc = carry
+    rc, xs, ys, hh = _gather_tile(x_c, y, h, centers, r, c, inv_eps)
+    s = _tile_logits(xs, ys * inv_eps, hh)
+    mt = jnp.max(s, axis=-1)  # [K, Bx]
+    safe = jnp.where(jnp.isfinite(mt), mt, 0.0)
+    st = jnp.sum(jnp.exp(s - safe[..., None]), axis=-1)
+    # Online log-sum-exp across tiles: raise each touched row's max, rescale its sum (duplicate
+    # rows in the chunk write identical values), then add the tiles' rescaled sums.
+    m_new = m_acc.at[r].max(mt, mode="drop")
+    old, new = m_acc[rc], m_new[rc]
+    scale = jnp.where(new > -jnp.inf, jnp.exp(old - new), 0.0)
+    s_acc = s_acc.at[r].set(s_acc[rc] * scale, mode="drop")
+    add = jnp.where(mt > -jnp.inf, st * jnp.exp(mt - jnp.where(new > -jnp.inf, new, 0.0)), 0.0)
+    return m_new, s_acc.at[r].add(add, mode="drop")
+
+  def body(carry, rc):
+    r, c = rc
+    # A chunk made only of padding (the tail of the capacity) is skipped.
+    return jax.lax.cond(jnp.any(r < nbx), work, lambda cr, *_: cr, carry, r, c), None
+
+  init = (jnp.full((nbx, bxs), -jnp.inf, x.dtype), jnp.zeros((nbx, bxs), x.dtype))
+  (m_acc, s_acc), _ = jax.lax.scan(body, init, (rs, cs))
+  lse_hat = m_acc + jnp.log(s_acc)  # empty row: −inf + log 0 = −inf
+  lse = lse_hat - (0.5 * inv_eps) * jnp.sum(x_c * x_c, axis=-1)
+  return -eps * lse, lse_hat
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _tiled_softmin(x, y, h, eps, centers, rows, cols, count, chunk):
+  return _forward(x, y, h, eps, centers, rows, cols, count, chunk)[0]
+
+
+def _tiled_softmin_fwd(x, y, h, eps, centers, rows, cols, count, chunk):
+  out, lse_hat = _forward(x, y, h, eps, centers, rows, cols, count, chunk)
+  # Residuals are O(n + m + capacity): the tiles are recomputed in the backward pass.
+  return out, (x, y, h, eps, centers, rows, cols, count, lse_hat, out)
+
+
+def _tiled_softmin_bwd(chunk, res, ct):
+  # With P_ij = exp(h_j − C_ij/ε − LSE_i) over the kept tiles, out_i = −ε LSE_i and cotangent
+  # c_i:  d/dx_i = c_i Σ_j P_ij (x_i − y_j),   d/dy_j = Σ_i c_i P_ij (y_j − x_i),
+  #       d/dh_j = −ε Σ_i c_i P_ij,            d/dε  = Σ_i c_i (out_i − Σ_j P_ij C_ij) / ε.
+  # Differences are translation invariant, so each tile works in its centred coordinates. The
+  # row sums (Σ_j P (x'−y'), Σ_j P C) do not need c and are scaled by it at the end. An empty
+  # row (LSE = −inf, out = +inf) has P = 0 and contributes nothing.
+  x, y, h, eps, centers, rows, cols, count, lse_hat, out = res
+  nbx, bxs, d = x.shape
+  nby, bys, _ = y.shape
+  inv_eps = 1.0 / eps
+  live = jnp.isfinite(lse_hat)
+  ct = jnp.where(live, ct, 0.0)
+  offset = jnp.where(live, lse_hat, jnp.inf)
+  x_c = x - centers[:, None, :]
+  rs, cs = _chunks(rows, cols, count, nbx, nby, chunk)
+
+  def work(carry, r, c):
+    row_acc, col_acc = carry
+    rc, xs, ys, hh = _gather_tile(x_c, y, h, centers, r, c, inv_eps)
+    p = jnp.exp(_tile_logits(xs, ys * inv_eps, hh) - offset[rc][..., None])  # [K, Bx, By]
+    half_y2 = 0.5 * jnp.sum(ys * ys, axis=-1, keepdims=True)
+    py = jnp.einsum("kij,kjc->kic", p, jnp.concatenate([jnp.ones_like(half_y2), ys, half_y2], -1))
+    p0, p_y, p_y2 = py[..., 0], py[..., 1 : d + 1], py[..., d + 1]
+    r_dx = xs * p0[..., None] - p_y
+    r_pc = 0.5 * jnp.sum(xs * xs, axis=-1) * p0 - jnp.sum(xs * p_y, axis=-1) + p_y2
+    ctk = ct[rc][..., None]
+    pc = jnp.einsum("kij,kic->kjc", p, jnp.concatenate([ctk, ctk * xs], -1))  # [K, By, d + 1]
+    w, u = pc[..., :1], pc[..., 1:]
+    row_acc = row_acc.at[r].add(jnp.concatenate([r_dx, r_pc[..., None]], -1), mode="drop")
+    col_acc = col_acc.at[c].add(jnp.concatenate([ys * w - u, w], -1), mode="drop")
+    return row_acc, col_acc
+
+  def body(carry, rc):
+    r, c = rc
+    return jax.lax.cond(jnp.any(r < nbx), work, lambda cr, *_: cr, carry, r, c), None
+
+  init = (jnp.zeros((nbx, bxs, d + 1), x.dtype), jnp.zeros((nby, bys, d + 1), x.dtype))
+  (row_acc, col_acc), _ = jax.lax.scan(body, init, (rs, cs))
+  dx = ct[..., None] * row_acc[..., :d]
+  deps = jnp.sum(jnp.where(live, ct * (out - row_acc[..., d]), 0.0)) * inv_eps
+  return (
+    dx,
+    col_acc[..., :d],
+    -eps * col_acc[..., d],
+    deps.astype(eps.dtype),
+    None,
+    None,
+    None,
+    None,
+  )
+
+
+_tiled_softmin.defvjp(_tiled_softmin_fwd, _tiled_softmin_bwd)
+
+
+def block_sparse_softmin(
+  bx: Blocks,
+  by: Blocks,
+  g_blocks: jax.Array,
+  eps,
+  tiles: TileList,
+  tiles_per_chunk: int | None = None,
+) -> jax.Array:
+  """Softmin of true potentials restricted to the listed tiles, in block layout.
+
+  For each row ``i`` of row block ``I``,
+
+      f̃_i = −ε · log Σ_{J : (I, J) listed} Σ_{j∈J} exp(log b_j + (g_j − C(x_i, y_j)) / ε),
+
+  ``C(x, y) = ½‖x − y‖²`` (GeomLoss convention; block-sparse reductions as in GeomLoss's
+  multiscale backend, Feydy et al. 2019, laid out as in MULTISCALE.md §3.4–3.5). Each tile's
+  ``B_x × B_y`` logits are reduced to a per-row max and sum of exponentials and merged over the
+  row block's tiles by an online log-sum-exp, ``tiles_per_chunk`` tiles at a time in a
+  ``lax.scan``: memory ``O(n + m + capacity)`` plus one chunk of logits, never
+  ``[capacity, B_x, B_y]``. A custom VJP recomputes the tiles, giving gradients with respect to
+  ``bx.points``, ``by.points``, ``g_blocks``, ``by.log_weights`` and ``eps`` with the same
+  memory. A row with no listed mass gets ``+inf`` (and zero gradient). Jittable; the tile
+  list's capacity and ``tiles_per_chunk`` are static. Overflow (``tiles.count > capacity``) is
+  not corrected here: check :func:`overflowed`.
+
+  Args:
+    bx: row :class:`Blocks` (``[nbx, B_x, d]`` points).
+    by: column :class:`Blocks` (``[nby, B_y, d]`` points, log-weights ``log b``).
+    g_blocks: ``[nby, B_y]`` column potentials ``g`` in ``by``'s layout (padding ignored).
+    eps: positive scalar temperature ``ε``.
+    tiles: :class:`TileList` from :func:`tile_list`.
+    tiles_per_chunk: tiles per scan step (static; default :func:`default_tiles_per_chunk`).
+
+  Returns:
+    ``[nbx, B_x]`` softmin in ``bx``'s layout (padding rows hold the softmin of a padding copy;
+    :func:`from_blocks` drops them).
+  """
+  x, y = bx.points, by.points
+  if x.ndim != 3 or y.ndim != 3 or x.shape[2] != y.shape[2]:
+    raise ValueError(f"`bx`/`by` points must be [nb, B, d] alike, got {x.shape} and {y.shape}.")
+  if g_blocks.shape != by.valid.shape:
+    raise ValueError(f"`g_blocks` must have shape {by.valid.shape}, got {g_blocks.shape}.")
+  if tiles.rows.ndim != 1 or tiles.rows.shape != tiles.cols.shape:
+    raise ValueError("`tiles.rows` and `tiles.cols` must be 1-D of equal length.")
+  chunk = default_tiles_per_chunk(x.shape[1], y.shape[1])
+  if tiles_per_chunk is not None:
+    chunk = validation.check_count("tiles_per_chunk", tiles_per_chunk)
+  chunk = max(1, min(chunk, tiles.rows.shape[0]))
+  dtype = x.dtype
+  eps = jnp.asarray(eps, dtype)
+  g = jnp.where(by.valid, jnp.asarray(g_blocks, dtype), 0.0)
+  h = jnp.where(by.valid, by.log_weights.astype(dtype) + g / eps, -jnp.inf)
+  centers = jax.lax.stop_gradient(0.5 * (bx.lo + bx.hi)).astype(dtype)
+  return _tiled_softmin(
+    x, y.astype(dtype), h, eps, centers, tiles.rows, tiles.cols, tiles.count, chunk
+  )

@@ -1,0 +1,327 @@
+"""The ``multiscale`` backend of the Sinkhorn divergence (d ≤ 3).
+
+Same divergence, schedule and update order as the dense backend (GeomLoss
+``SamplesLoss("sinkhorn", p=2)``, Feydy et al. 2019; cost ``C = ½‖x − y‖²``, ``ε = blur²``),
+with two scales, as GeomLoss's ``multiscale`` backend:
+
+1. **Coarse phase.** While ``√ε`` is at least the cell side of a static ``K^d`` grid
+   (:mod:`gsae_jax.ot.clusters`), the annealing runs densely on the cells' mass-weighted
+   centroids (``K^d × K^d`` pairs, cheap).
+2. **Jump.** One softmin of the points against the centroids extrapolates each potential to
+   the points.
+3. **Fine phase.** Every later update, the final extrapolation and the converged-mode tail
+   use the block-sparse softmin of :mod:`gsae_jax.ot.multiscale`: the tile mask is recomputed
+   from the current potentials for every softmin, and a dropped tile provably carries less
+   than ``e^{−T}`` of each row's mass (``truncate=T``). A tile list that overflows its static
+   capacity makes that softmin run densely (``lax.cond``), and the result counts it in
+   ``dense_fallbacks``: never a silent loss of tiles.
+
+Gradients: ``envelope`` only (the final extrapolation runs the block-sparse softmin with live
+row points; its custom VJP recomputes the tiles).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from gsae_jax.ot import clusters, multiscale
+from gsae_jax.ot.divergence import check_and_schedule
+from gsae_jax.ot.problem import DivergenceOutput, DivergenceSettings, OTProblem
+from gsae_jax.ot.softmin import softmin_kernel
+
+sg = jax.lax.stop_gradient
+
+# Cells of the coarse grid in all (K^d): K = 64 in d = 2 (GeomLoss's default clusters are of
+# the same order, ≈ 2 000 over the box; MULTISCALE.md §2), 16 in d = 3.
+_GRID_CELLS = 4096
+
+
+def grid_per_axis(d: int) -> int:
+  """``K`` of the coarse ``K^d`` grid in dimension ``d``."""
+  return max(2, round(_GRID_CELLS ** (1.0 / d)))
+
+
+def tile_capacity(n_row_blocks: int, n_col_blocks: int, fraction: float) -> int:
+  """Static length of a tile list: ``⌈fraction · nbx · nby⌉`` (at least one tile per row)."""
+  tiles = n_row_blocks * n_col_blocks
+  return max(n_row_blocks, min(tiles, math.ceil(fraction * tiles)))
+
+
+class _Stats(NamedTuple):
+  fallbacks: jax.Array  # int32: softmins that overflowed their tile list and ran densely
+  kept: jax.Array  # float: Σ kept tiles over the block-sparse softmins
+  total: jax.Array  # float: Σ tiles those softmins could have used
+
+
+def _dense_true(rows, cols, col_log_w, g, eps, chunk):
+  """Dense softmin of *true* potentials: ``−ε log Σ_j exp(log w_j + (g_j − C_ij)/ε)``."""
+  h = col_log_w + (g - 0.5 * jnp.sum(cols * cols, axis=1)) / eps
+  return softmin_kernel(rows, cols, h, eps, chunk) + 0.5 * jnp.sum(rows * rows, axis=1)
+
+
+def _flat(blocks: multiscale.Blocks):
+  d = blocks.points.shape[-1]
+  return blocks.points.reshape(-1, d), blocks.log_weights.reshape(-1)
+
+
+def _pad_blocks(blocks: multiscale.Blocks, nb: int) -> multiscale.Blocks:
+  """Appends massless blocks (copies of the last point, log-weight −inf) up to ``nb`` blocks,
+  so that both clouds share one block shape and the four softmins one compiled kernel."""
+  extra = nb - blocks.valid.shape[0]
+  if extra == 0:
+    return blocks
+  last = blocks.points[-1, -1]
+  bs, d = blocks.points.shape[1:]
+  cat = lambda a, fill: jnp.concatenate([a, jnp.broadcast_to(fill, (extra,) + a.shape[1:])])
+  return multiscale.Blocks(
+    points=cat(blocks.points, last),
+    log_weights=cat(blocks.log_weights, jnp.asarray(-jnp.inf, blocks.log_weights.dtype)),
+    valid=cat(blocks.valid, False),
+    perm=blocks.perm,
+    lo=cat(blocks.lo, jax.lax.stop_gradient(last)),
+    hi=cat(blocks.hi, jax.lax.stop_gradient(last)),
+  )
+
+
+def _stack(*blocks: multiscale.Blocks) -> multiscale.Blocks:
+  """Blocks of equal shape stacked on a leading side axis (``perm`` dropped: per cloud)."""
+  return multiscale.Blocks(
+    *(jnp.stack([getattr(b, f) for b in blocks]) for f in ("points", "log_weights", "valid")),
+    perm=jnp.zeros((len(blocks), 0), jnp.int32),
+    lo=jnp.stack([b.lo for b in blocks]),
+    hi=jnp.stack([b.hi for b in blocks]),
+  )
+
+
+def _side(stacked: multiscale.Blocks, s) -> multiscale.Blocks:
+  return jax.tree_util.tree_map(lambda a: a[s], stacked)
+
+
+# Side s updates potential s (f_ba, g_ab, f_aa, g_bb) on rows ROWS[s] from potential COLS[s].
+_ROW_CLOUD = (0, 1, 0, 1)  # 0 = x, 1 = y
+_COL_CLOUD = (1, 0, 0, 1)
+_COL_POT = (1, 0, 2, 3)
+
+
+def _fine_softmin(rows, cols, f_rows, g_cols, eps, truncate, capacity, chunk, stats: _Stats):
+  """Block-sparse softmin of ``g_cols`` onto the rows, tiles chosen from ``(f_rows, g_cols)``;
+  the dense kernel when the tile list overflows. Returns ``(f̃ [nb, B], stats)``."""
+  keep = multiscale.keep_tiles(rows, cols, sg(f_rows), sg(g_cols), sg(eps), truncate)
+  tiles = multiscale.tile_list(keep, capacity)
+  over = multiscale.overflowed(tiles)
+  g = jnp.where(cols.valid, g_cols, 0.0)
+
+  def sparse(_):
+    return multiscale.block_sparse_softmin(rows, cols, g, eps, tiles)
+
+  def dense(_):
+    r, _ = _flat(rows)
+    c, lw = _flat(cols)
+    return _dense_true(r, c, lw, g.reshape(-1), eps, chunk).reshape(rows.valid.shape)
+
+  out = jax.lax.cond(over, dense, sparse, None)
+  stats = _Stats(
+    stats.fallbacks + over.astype(jnp.int32),
+    stats.kept + jnp.minimum(tiles.count, capacity).astype(stats.kept.dtype),
+    stats.total + keep.size,
+  )
+  return out, stats
+
+
+def _violation(log_w, f_old, f_new, eps):
+  w = jnp.exp(log_w)
+  return jnp.sum(jnp.where(w > 0, w * jnp.abs(jnp.expm1((f_old - f_new) / eps)), 0.0))
+
+
+def multiscale_backend(problem: OTProblem, s: DivergenceSettings) -> DivergenceOutput:
+  """``(problem, settings) -> DivergenceOutput`` for ``backend="multiscale"`` (envelope only)."""
+  dtype = problem.x.dtype
+  c = problem.centered()
+  x, y = c.x, c.y
+  la, lb = problem.log_a, problem.log_b
+  d = x.shape[1]
+  chk = check_and_schedule(x, y, problem, s)
+  ok, blur, scaling, tol, truncate = chk.ok, chk.blur, chk.scaling, chk.tol, chk.truncate
+  diam, n_mid = chk.schedule.diam, chk.schedule.n_mid
+  n_sched = chk.schedule.n_sched
+  eps_k = chk.schedule.epsilon
+  chunk = s.chunk_size
+  n_sides = 3 if s.static_b else 4
+
+  # ---- layout: Hilbert-sorted blocks of each cloud (stopped), one shape for both clouds.
+  xs, ys, las, lbs = sg(x), sg(y), sg(la), sg(lb)
+  bx = multiscale.make_blocks(xs, las, s.block_size)
+  by = multiscale.make_blocks(ys, lbs, s.block_size)
+  nb = max(bx.valid.shape[0], by.valid.shape[0])
+  bx, by = _pad_blocks(bx, nb), _pad_blocks(by, nb)
+  clouds = (bx, by)
+  rows_all = _stack(*(clouds[i] for i in _ROW_CLOUD[:n_sides]))
+  cols_all = _stack(*(clouds[i] for i in _COL_CLOUD[:n_sides]))
+  col_pot = jnp.asarray(_COL_POT[:n_sides], jnp.int32)
+  row_lw = rows_all.log_weights
+  capacity = tile_capacity(nb, nb, s.tile_fraction)
+
+  def fresh(side, pots, eps, stats, rows=None):
+    # Side `side`'s softmin: its potential's update from its column potential.
+    rows = _side(rows_all, side) if rows is None else rows
+    return _fine_softmin(
+      rows,
+      _side(cols_all, side),
+      pots[side],
+      pots[col_pot[side]],
+      eps,
+      truncate,
+      capacity,
+      chunk,
+      stats,
+    )
+
+  # ---- coarse phase (dense on the grid's centroids; true potentials).
+  grid = clusters.make_grid(xs, ys, grid_per_axis(d))
+  cx, lcx = clusters.cluster(grid, xs, las)
+  cy, lcy = clusters.cluster(grid, ys, lbs)
+  # Coarse while √ε ≥ the cell side (GeomLoss jumps once blur < its cluster scale): the init
+  # at D², then the intermediate σ_k = D·scaling^(k−1) ≥ cell; the last update (ε = blur²) is
+  # always on the points.
+  ratio = (
+    jnp.log(float(__import__("os").environ.get("JUMP", "1")) * grid.cell) - jnp.log(diam)
+  ) / jnp.log(scaling)
+  n_mid_coarse = jnp.clip(jnp.floor(ratio) + 1, 0, n_mid).astype(jnp.int32)
+  n_coarse = jnp.minimum(1 + n_mid_coarse, n_sched - 1)
+
+  # The sides as index arrays: side s updates potential s on cloud ROW[s] from potential
+  # COL_POT[s] on cloud COL[s]; vmapped over sides, each dense softmin compiles once.
+  row_ix = jnp.asarray(_ROW_CLOUD[:n_sides])
+  col_ix = jnp.asarray(_COL_CLOUD[:n_sides])
+  cents, cent_lw = jnp.stack([cx, cy]), jnp.stack([lcx, lcy])
+
+  def dense_sides(rows, cols, cols_lw, g, eps):
+    return jax.vmap(lambda r, c, lw, gg: _dense_true(r, c, lw, gg, eps, chunk))(
+      rows, cols, cols_lw, g
+    )
+
+  def coarse_update(pots, eps):  # [4, K^d] -> [n_sides, K^d]
+    return dense_sides(cents[row_ix], cents[col_ix], cent_lw[col_ix], pots[col_pot], eps)
+
+  def coarse_body(carry):
+    k, pots = carry
+    new = coarse_update(pots, eps_k(k))
+    return k + 1, pots.at[:n_sides].set(0.5 * (pots[:n_sides] + new))
+
+  coarse0 = (
+    jnp.zeros((4, cx.shape[0]), dtype)
+    .at[:n_sides]
+    .set(coarse_update(jnp.zeros((4, cx.shape[0]), dtype), diam**2))
+  )
+  k, coarse = jax.lax.while_loop(lambda c: c[0] < n_coarse, coarse_body, (jnp.int32(0), coarse0))
+
+  # ---- jump: potentials on the points. The annealed potentials lag (each is the average of
+  # the previous one and a fresh softmin), so a bare softmin of the coarse potentials would
+  # jump to another trajectory. Instead each point takes its cell's coarse value plus the
+  # within-cell variation of the fresh softmin: f(x_i) = F(c_i) + S(G)(x_i) − S(G)(c_i).
+  eps_jump = jnp.where(k > 0, eps_k(jnp.maximum(k - 1, 0)), diam**2)
+  pts = jnp.stack([_flat(bx)[0], _flat(by)[0]])  # [2, nb·B, d]
+  cells = jax.vmap(lambda p: clusters.cell_index(grid, p))(pts)
+  g_cols = coarse[col_pot]
+  fresh_p = dense_sides(pts[row_ix], cents[col_ix], cent_lw[col_ix], g_cols, eps_jump)
+  fresh_c = dense_sides(cents[row_ix], cents[col_ix], cent_lw[col_ix], g_cols, eps_jump)
+  own = coarse[:n_sides]
+  cell = cells[row_ix]
+  at_cell = lambda v: jnp.take_along_axis(v, cell, axis=1)
+  jumped = (at_cell(own) + fresh_p - at_cell(fresh_c)).reshape(n_sides, nb, -1)
+  pots = jnp.zeros((4,) + jumped.shape[1:], dtype).at[:n_sides].set(jumped)  # [4, nb, B]
+
+  # ---- fine phase. One loop covers the rest of the schedule (simultaneous averaged updates
+  # of the sides, as the dense backend) and the converged-mode tail (cross pair alternating,
+  # self-terms averaged until each is within tol); its body runs the sides through one scan,
+  # so the block-sparse softmin is compiled once.
+  inf = jnp.asarray(jnp.inf, dtype)
+  tol_ = inf if tol is None else tol
+  n_total = n_sched + (s.max_iter if tol is not None else 0)
+  replace = jnp.asarray([True, True, False, False][:n_sides])
+
+  def fine_body(carry):
+    k, pots, stats, viols = carry
+    tail = k >= n_sched  # converged-mode update
+    eps = jnp.where(tail, blur**2, eps_k(jnp.minimum(k, n_sched - 1)))
+
+    def side_step(inner, side):
+      new_pots, stats = inner
+      read = jnp.where(tail, new_pots, pots)  # sequential in the tail, simultaneous before
+      run = ~tail | (side < 2) | (viols[side] > tol_)
+
+      def compute(st):
+        f_new, st = fresh(side, read, eps, st)
+        old = read[side]
+        upd = jnp.where(tail & replace[side], f_new, 0.5 * (old + f_new))
+        return upd, st, _violation(row_lw[side], old, f_new, eps)
+
+      upd, stats, v = jax.lax.cond(run, compute, lambda st: (read[side], st, viols[side]), stats)
+      return (new_pots.at[side].set(upd), stats), v
+
+    (pots_new, stats), v = jax.lax.scan(side_step, (pots, stats), jnp.arange(n_sides))
+    return k + 1, pots_new, stats, v
+
+  def fine_cond(carry):
+    k, _, _, viols = carry
+    return (k < n_sched) | ((k < n_total) & (jnp.max(viols) > tol_))
+
+  zero = jnp.asarray(0, dtype)
+  stats0 = _Stats(jnp.int32(0), zero, zero)
+  viols0 = jnp.full((n_sides,), inf)
+  k, pots, stats, viols = jax.lax.while_loop(fine_cond, fine_body, (k, pots, stats0, viols0))
+  converged = jnp.asarray(False) if tol is None else ok & (jnp.max(viols) <= tol)
+
+  # ---- final extrapolation: rows carry gradient (envelope), columns and potentials do not.
+  pots = sg(pots)
+  live = (multiscale.to_blocks(bx, x), multiscale.to_blocks(by, y))
+  live = tuple(
+    jnp.concatenate([p, jnp.broadcast_to(b.points[-1:, -1:], (nb - p.shape[0],) + p.shape[1:])])
+    if p.shape[0] < nb
+    else p
+    for p, b in zip(live, (bx, by), strict=True)
+  )
+  live_rows = jnp.stack([live[i] for i in _ROW_CLOUD[:n_sides]])
+
+  def ext_step(stats, side_and_rows):
+    side, pts = side_and_rows
+    rows = _side(rows_all, side)._replace(points=pts)
+    out, stats = fresh(side, pots, blur**2, stats, rows=rows)
+    return stats, out
+
+  stats, ext = jax.lax.scan(ext_step, stats, (jnp.arange(n_sides), live_rows))
+  viol_final = jnp.max(
+    jax.vmap(_violation, in_axes=(0, 0, 0, None))(row_lw, pots[:n_sides], sg(ext), blur**2)
+  )
+  e_ba, e_ab, e_aa = ext[0], ext[1], ext[2]
+  a_blk = _pad_values(multiscale.to_blocks(bx, problem.a), nb)
+  b_blk = _pad_values(multiscale.to_blocks(by, problem.b), nb)
+  # With static_b, g_ab is compared with the zero potential (as in the dense backend).
+  e_bb = jnp.zeros_like(e_ab) if s.static_b else ext[3]
+  value = jnp.sum(a_blk * (e_ba - e_aa)) + jnp.sum(b_blk * (e_ab - e_bb))
+  nan = lambda v: jnp.where(ok, v, jnp.nan)
+  back_x = lambda v: nan(multiscale.from_blocks(bx, v))
+  back_y = lambda v: nan(multiscale.from_blocks(by, v))
+  return DivergenceOutput(
+    value=nan(value),
+    f_ba=back_x(e_ba),
+    g_ab=back_y(e_ab),
+    f_aa=back_x(e_aa),
+    g_bb=None if s.static_b else back_y(e_bb),
+    iterations=k,
+    marginal_violation=nan(viol_final),
+    converged=converged,
+    dense_fallbacks=stats.fallbacks,
+    kept_tile_fraction=stats.kept / jnp.maximum(stats.total, 1),
+    backend="multiscale",
+  )
+
+
+def _pad_values(v: jax.Array, nb: int) -> jax.Array:
+  """Zero-pads ``[nb0, B]`` block values to ``nb`` blocks."""
+  extra = nb - v.shape[0]
+  return v if extra == 0 else jnp.concatenate([v, jnp.zeros((extra,) + v.shape[1:], v.dtype)])
