@@ -74,6 +74,7 @@ def run_one(
     state, out = step(state, idx(s), jax.random.fold_in(key, s))
   jax.block_until_ready(out)
   per_step = (time.perf_counter() - t0) / steps
+  peak_step = peak_rss_mb()  # before the parts, whose encoder VJP keeps all activations
   parts = _time_parts(model, config, state, images) if variant != "local" else {}
   return {
     **parts,
@@ -89,7 +90,8 @@ def run_one(
     "compile_and_first_step_s": first,
     "step_s": per_step,
     "steps_per_s": 1 / per_step,
-    "peak_rss_mb": peak_rss_mb(),
+    "peak_rss_mb": peak_step,
+    "peak_rss_with_parts_mb": peak_rss_mb(),
     "rss_after_imports_mb": base,
     "loss": float(out["loss"]),
   }
