@@ -7,8 +7,10 @@ with two scales, as GeomLoss's ``multiscale`` backend:
 1. **Coarse phase.** While ``√ε`` is at least the cell side of a static ``K^d`` grid
    (:mod:`gsae_jax.ot.clusters`), the annealing runs densely on the cells' mass-weighted
    centroids (``K^d × K^d`` pairs, cheap).
-2. **Jump.** One softmin of the points against the centroids extrapolates each potential to
-   the points.
+2. **Jump.** Each potential moves to the points as its cell's coarse value plus the
+   within-cell variation of one fresh softmin of the points against the centroids, which
+   keeps the lag of the annealed potentials (GeomLoss's bare softmin extrapolation does not;
+   BUILD_NOTES.md, "Multiscale backend").
 3. **Fine phase.** Every later update, the final extrapolation and the converged-mode tail
    use the block-sparse softmin of :mod:`gsae_jax.ot.multiscale`: the tile mask is recomputed
    from the current potentials for every softmin, and a dropped tile provably carries less
@@ -187,9 +189,7 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings) -> DivergenceO
   # Coarse while √ε ≥ the cell side (GeomLoss jumps once blur < its cluster scale): the init
   # at D², then the intermediate σ_k = D·scaling^(k−1) ≥ cell; the last update (ε = blur²) is
   # always on the points.
-  ratio = (
-    jnp.log(float(__import__("os").environ.get("JUMP", "1")) * grid.cell) - jnp.log(diam)
-  ) / jnp.log(scaling)
+  ratio = (jnp.log(grid.cell) - jnp.log(diam)) / jnp.log(scaling)
   n_mid_coarse = jnp.clip(jnp.floor(ratio) + 1, 0, n_mid).astype(jnp.int32)
   n_coarse = jnp.minimum(1 + n_mid_coarse, n_sched - 1)
 
@@ -278,13 +278,8 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings) -> DivergenceO
 
   # ---- final extrapolation: rows carry gradient (envelope), columns and potentials do not.
   pots = sg(pots)
+  # The live points in the (padded) block layout; padding rows are massless and dropped.
   live = (multiscale.to_blocks(bx, x), multiscale.to_blocks(by, y))
-  live = tuple(
-    jnp.concatenate([p, jnp.broadcast_to(b.points[-1:, -1:], (nb - p.shape[0],) + p.shape[1:])])
-    if p.shape[0] < nb
-    else p
-    for p, b in zip(live, (bx, by), strict=True)
-  )
   live_rows = jnp.stack([live[i] for i in _ROW_CLOUD[:n_sides]])
 
   def ext_step(stats, side_and_rows):
@@ -298,8 +293,8 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings) -> DivergenceO
     jax.vmap(_violation, in_axes=(0, 0, 0, None))(row_lw, pots[:n_sides], sg(ext), blur**2)
   )
   e_ba, e_ab, e_aa = ext[0], ext[1], ext[2]
-  a_blk = _pad_values(multiscale.to_blocks(bx, problem.a), nb)
-  b_blk = _pad_values(multiscale.to_blocks(by, problem.b), nb)
+  a_blk = multiscale.to_blocks(bx, problem.a)
+  b_blk = multiscale.to_blocks(by, problem.b)
   # With static_b, g_ab is compared with the zero potential (as in the dense backend).
   e_bb = jnp.zeros_like(e_ab) if s.static_b else ext[3]
   value = jnp.sum(a_blk * (e_ba - e_aa)) + jnp.sum(b_blk * (e_ab - e_bb))
@@ -319,9 +314,3 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings) -> DivergenceO
     kept_tile_fraction=stats.kept / jnp.maximum(stats.total, 1),
     backend="multiscale",
   )
-
-
-def _pad_values(v: jax.Array, nb: int) -> jax.Array:
-  """Zero-pads ``[nb0, B]`` block values to ``nb`` blocks."""
-  extra = nb - v.shape[0]
-  return v if extra == 0 else jnp.concatenate([v, jnp.zeros((extra,) + v.shape[1:], v.dtype)])
