@@ -40,6 +40,10 @@ sg = jax.lax.stop_gradient
 # Cells of the coarse grid in all (K^d): K = 64 in d = 2 (GeomLoss's default clusters are of
 # the same order, ≈ 2 000 over the box; MULTISCALE.md §2), 16 in d = 3.
 _GRID_CELLS = 4096
+# The coarse phase runs while √ε ≥ this many cell sides. In d = 3 the 16³ cells are 4× wider
+# than the 64² cells of d = 2, and jumping at one cell left the gradient 8–19 % off dense
+# (n = 1 500); at four cells it is within 5 % (BUILD_NOTES.md, "Multiscale backend").
+_JUMP_CELLS = {1: 1.0, 2: 1.0, 3: 4.0}
 
 
 def grid_per_axis(d: int) -> int:
@@ -186,10 +190,10 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings) -> DivergenceO
   grid = clusters.make_grid(xs, ys, grid_per_axis(d))
   cx, lcx = clusters.cluster(grid, xs, las)
   cy, lcy = clusters.cluster(grid, ys, lbs)
-  # Coarse while √ε ≥ the cell side (GeomLoss jumps once blur < its cluster scale): the init
-  # at D², then the intermediate σ_k = D·scaling^(k−1) ≥ cell; the last update (ε = blur²) is
-  # always on the points.
-  ratio = (jnp.log(grid.cell) - jnp.log(diam)) / jnp.log(scaling)
+  # Coarse while √ε ≥ the cell side (times _JUMP_CELLS; GeomLoss jumps once blur < its
+  # cluster scale): the init at D², then the intermediate σ_k = D·scaling^(k−1) ≥ that; the
+  # last update (ε = blur²) is always on the points.
+  ratio = (jnp.log(_JUMP_CELLS[d] * grid.cell) - jnp.log(diam)) / jnp.log(scaling)
   n_mid_coarse = jnp.clip(jnp.floor(ratio) + 1, 0, n_mid).astype(jnp.int32)
   n_coarse = jnp.minimum(1 + n_mid_coarse, n_sched - 1)
 

@@ -73,7 +73,8 @@ resolves to one of these before tracing; ``"dense"`` is the chunked exact path."
 class DivergenceSettings:
   """Everything :func:`gsae_jax.ot.solve_divergence` needs besides the problem.
 
-  Traced (changing them does not recompile): ``blur``, ``scaling``, ``tol``, ``diameter``
+  Traced (changing them does not recompile): ``blur``, ``scaling``, ``tol``, ``diameter``,
+  ``truncate``
   (``None`` vs a number is part of the compilation key). Static: the rest.
 
   Attributes:
