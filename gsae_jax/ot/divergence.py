@@ -289,13 +289,12 @@ def _dense_backend(problem: OTProblem, s: DivergenceSettings) -> DivergenceOutpu
   p = _Clouds(c.x, c.y, problem.log_a, problem.log_b)
   chk = check_and_schedule(p.x, p.y, problem, s)
   ok, blur, tol, sch = chk.ok, chk.blur, chk.tol, chk.schedule
-  tol_ = tol
 
   sm = lambda x, y, h, eps: softmin_kernel(x, y, h, eps, s.chunk_size)
   if s.grad == "envelope":
-    st, iters, viol = _anneal_while(p.detached(), sch, tol_, s.max_iter, sm, s.static_b)
+    st, iters, viol = _anneal_while(p.detached(), sch, tol, s.max_iter, sm, s.static_b)
   else:
-    st, iters, viol = _anneal_scan(p, sch, tol_, s.max_iter, sm, s.static_b, s.unroll_steps)
+    st, iters, viol = _anneal_scan(p, sch, tol, s.max_iter, sm, s.static_b, s.unroll_steps)
     ok = ok & (sch.n_sched <= s.unroll_steps)
   eps = blur**2
   ext = _extrapolate(st, eps, p, sm, detach=s.grad == "envelope", static_b=s.static_b)

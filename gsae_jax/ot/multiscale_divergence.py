@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from gsae_jax.ot import clusters, multiscale
-from gsae_jax.ot.divergence import check_and_schedule
+from gsae_jax.ot.divergence import check_and_schedule, mass_violation
 from gsae_jax.ot.problem import DivergenceOutput, DivergenceSettings, OTProblem
 from gsae_jax.ot.softmin import softmin_kernel
 
@@ -136,11 +136,6 @@ def _fine_softmin(rows, cols, f_rows, g_cols, eps, truncate, capacity, chunk, st
     stats.total + keep.size,
   )
   return out, stats
-
-
-def _violation(log_w, f_old, f_new, eps):
-  w = jnp.exp(log_w)
-  return jnp.sum(jnp.where(w > 0, w * jnp.abs(jnp.expm1((f_old - f_new) / eps)), 0.0))
 
 
 def multiscale_backend(problem: OTProblem, s: DivergenceSettings) -> DivergenceOutput:
@@ -262,7 +257,7 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings) -> DivergenceO
         f_new, st = fresh(side, read, eps, st)
         old = read[side]
         upd = jnp.where(tail & replace[side], f_new, 0.5 * (old + f_new))
-        return upd, st, _violation(row_lw[side], old, f_new, eps)
+        return upd, st, mass_violation(row_lw[side], old, f_new, eps)
 
       upd, stats, v = jax.lax.cond(run, compute, lambda st: (read[side], st, viols[side]), stats)
       return (new_pots.at[side].set(upd), stats), v
@@ -294,7 +289,7 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings) -> DivergenceO
 
   stats, ext = jax.lax.scan(ext_step, stats, (jnp.arange(n_sides), live_rows))
   viol_final = jnp.max(
-    jax.vmap(_violation, in_axes=(0, 0, 0, None))(row_lw, pots[:n_sides], sg(ext), blur**2)
+    jax.vmap(mass_violation, in_axes=(0, 0, 0, None))(row_lw, pots[:n_sides], sg(ext), blur**2)
   )
   e_ba, e_ab, e_aa = ext[0], ext[1], ext[2]
   a_blk = multiscale.to_blocks(bx, problem.a)
