@@ -319,7 +319,9 @@ def _avals(jaxpr):
 
 def test_gradient_memory_is_linear():
   # capacity · B² = 256 · 64² ≈ 1e6 logits; a chunk is 4 tiles (16 384): no array of the
-  # backward pass, nor any residual, may scale with capacity · B².
+  # backward pass, nor any residual, may scale with capacity · B². The backward's row and
+  # column sums are broadcast-multiply-reduces over (d + 2) features of a chunk's logits,
+  # which XLA fuses into the reduction; their jaxpr operand is (d + 2) chunks big.
   x, y, g, log_b = _clouds(1000, 1000, 2, seed=9)
 
   def loss(x, y, g, log_b, eps):
@@ -331,7 +333,103 @@ def test_gradient_memory_is_linear():
   args = (x, y, g, log_b, 0.1)
   jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(*args)
   biggest = max(int(np.prod(s)) for s in _avals(jaxpr.jaxpr))
-  assert biggest <= 4 * 64 * 64, biggest
+  assert biggest <= (2 + 2) * 4 * 64 * 64, biggest
   vjp_fn = jax.eval_shape(lambda *a: jax.vjp(loss, *a)[1], *args)
   residual = sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(vjp_fn))
   assert residual < 20 * (1024 + 1024), residual
+
+
+# ------------------------------------------------------------------------------------------
+# Two-stage tile selection and the one-pass (offset) kernel
+
+
+@pytest.mark.parametrize("target", ["flower", "gauss"])
+def test_select_tiles_keeps_the_tiles_of_keep_tiles(x64, converged, target):
+  # The box-then-refine list holds every tile the full mask keeps by its bound; beyond those
+  # only each row block's best candidate. With a candidate list too small to hold the box's
+  # tiles, it falls back to the full mask and lists exactly the same tiles.
+  x, y, pots = converged[target]
+  eps = EPS[-1]
+  g = pots[eps]
+  log_b = np.full(y.shape[0], -np.log(y.shape[0]))
+  f = _dense_np(x, y, g, log_b, eps)
+  bx, by = ms.make_blocks(x, None, 32), ms.make_blocks(y, log_b, 32)
+  fb, gb = ms.to_blocks(bx, f), ms.to_blocks(by, g)
+  nbx, nby = bx.valid.shape[0], by.valid.shape[0]
+  bound = np.asarray(ms.tile_log_bounds(bx, by, fb, gb, eps))
+  keep = np.asarray(ms.keep_tiles(bx, by, fb, gb, eps, truncate=T))
+
+  def listed(tiles):
+    count = int(tiles.count)
+    assert count <= tiles.rows.shape[0]
+    mask = np.zeros((nbx, nby), bool)
+    mask[np.asarray(tiles.rows)[:count], np.asarray(tiles.cols)[:count]] = True
+    assert np.all(np.diff(np.asarray(tiles.rows)[:count]) >= 0)  # sorted by row block
+    return mask
+
+  capacity = nbx * nby // 2
+  two_stage = listed(ms.select_tiles(bx, by, fb, gb, eps, T, capacity))
+  assert np.all(two_stage[bound > -T])
+  extra = two_stage & ~(bound > -T)
+  assert np.all(extra.sum(axis=1) <= 1)
+  assert np.all(two_stage.any(axis=1))
+  full = listed(ms.select_tiles(bx, by, fb, gb, eps, T, capacity, box_capacity=nbx))
+  np.testing.assert_array_equal(full, keep)
+
+
+@pytest.mark.parametrize("shift", [0.0, 3.0, -200.0, 400.0])
+def test_offset_kernel_matches_dense_for_any_estimate(x64, shift):
+  # f_estimate only sets the exponentials' offset: a good estimate (shift 0, 3 ε) takes the
+  # one-pass path, a bad one (off by 200 ε or 400 ε: sums outside [e^-50, e^50]) must rerun
+  # with the running max. Either way the value and the gradient are the dense ones.
+  x, y, g, log_b = _clouds(700, 650, 2, seed=3)
+  eps = 0.2
+  ref = _dense_np(x, y, g, log_b, eps)
+  bx, by = ms.make_blocks(x, None, 32), ms.make_blocks(y, log_b, 32)
+  nbx, nby = bx.valid.shape[0], by.valid.shape[0]
+  tiles = ms.tile_list(jnp.ones((nbx, nby), bool), nbx * nby)
+  est = ms.to_blocks(bx, ref + shift * eps)
+
+  def run(xp):
+    out = ms.block_sparse_softmin(
+      bx._replace(points=ms.to_blocks(bx, xp)),
+      by,
+      ms.to_blocks(by, g),
+      eps,
+      tiles,
+      f_estimate=est,
+    )
+    return ms.from_blocks(bx, out)
+
+  np.testing.assert_allclose(np.asarray(run(x)), ref, rtol=1e-10, atol=1e-10)
+  weights = np.random.default_rng(0).normal(size=x.shape[0])
+  grad = jax.grad(lambda xp: jnp.sum(weights * run(xp)))(jnp.asarray(x))
+  ref_grad = jax.grad(
+    lambda xp: jnp.sum(weights * _dense_jnp(xp, jnp.asarray(y), jnp.asarray(g), log_b, eps))
+  )(jnp.asarray(x))
+  np.testing.assert_allclose(np.asarray(grad), np.asarray(ref_grad), rtol=1e-8, atol=1e-10)
+
+
+def test_padding_rows_read_their_estimate_and_need_no_tile(x64):
+  # Rows that are not `valid` are not computed: they read f_estimate, get zero gradient, and a
+  # row block without a valid row keeps no tile.
+  x, y, g, log_b = _clouds(70, 90, 2, seed=4)
+  bx, by = ms.make_blocks(x, None, 32), ms.make_blocks(y, log_b, 32)
+  gb = ms.to_blocks(by, g)
+  valid = bx.valid.at[1].set(False)
+  bxv = bx._replace(valid=valid)
+  est = jnp.full(bx.valid.shape, 7.0)
+  keep = np.asarray(ms.keep_tiles(bxv, by, est, gb, 0.3))
+  assert not keep[1].any() and keep[0].any()
+  tiles = ms.tile_list(jnp.ones(keep.shape, bool), keep.size)
+  out = np.asarray(ms.block_sparse_softmin(bxv, by, gb, 0.3, tiles, f_estimate=est))
+  np.testing.assert_allclose(out[~np.asarray(valid)], 7.0, rtol=1e-12)
+  ref = _dense_np(np.asarray(bx.points[0]), y, g, log_b, 0.3)
+  np.testing.assert_allclose(out[0], ref, rtol=1e-10)
+
+  def total(p):
+    out = ms.block_sparse_softmin(bxv._replace(points=p), by, gb, 0.3, tiles, f_estimate=est)
+    return jnp.sum(out)
+
+  grad = jax.grad(total)(bx.points)
+  assert np.all(np.asarray(grad)[~np.asarray(valid)] == 0.0)

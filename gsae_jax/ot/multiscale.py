@@ -361,56 +361,194 @@ def tile_log_bounds(
     ``[nbx, nby]`` bounds; ``−inf`` for a massless column block, possibly ``NaN`` where the
     potentials are not finite (:func:`keep_tiles` keeps such tiles).
   """
+  t = _bound_terms(bx, by, f_blocks, g_blocks, eps)
+  nbx, bxs, d = t.x.shape
+  nby, bys, _ = t.y.shape
+
+  def row_block_bound(ids):  # [k] row blocks -> [k, nby]; [k, nby, B_y] planes, one per axis
+    s = jnp.broadcast_to(t.f_hat[ids][:, None, None], (ids.shape[0],) + t.h.shape)
+    for k in range(d):
+      w = t.c_i[ids, k][:, None, None] - t.y[None, :, :, k]
+      s = s + jnp.abs(t.a_i[ids, k][:, None, None] - w) * t.r_i[ids, k][:, None, None] - 0.5 * w * w
+    return _lse_last(t.h[None] + s * t.inv_eps)
+
+  def col_block_bound(ids):  # [k] column blocks -> [k, nbx]
+    s = jnp.broadcast_to(t.f[None], (ids.shape[0],) + t.f.shape)
+    for k in range(d):
+      z = t.x[None, :, :, k] - t.c_j[ids, k][:, None, None]
+      s = s + jnp.abs(t.b_j[ids, k][:, None, None] + z) * t.r_j[ids, k][:, None, None] - 0.5 * z * z
+    return jnp.max(s, axis=-1) * t.inv_eps
+
+  bound_2 = _map_blocks(row_block_bound, nbx, nby * bys)
+  bound_3 = _map_blocks(col_block_bound, nby, nbx * bxs).T + t.g_lse[None, :]
+  return jnp.minimum(t.box, jnp.minimum(bound_2, bound_3))
+
+
+class _BoundTerms(NamedTuple):
+  """Per-block quantities of the three bounds of :func:`tile_log_bounds` (all stopped)."""
+
+  inv_eps: jax.Array
+  x: jax.Array  # [nbx, B_x, d] row points
+  y: jax.Array  # [nby, B_y, d] column points
+  f: jax.Array  # [nbx, B_x] row potentials, −inf on padding
+  h: jax.Array  # [nby, B_y] log b + g/ε, −inf on padding
+  box: jax.Array  # [nbx, nby] bound 1
+  c_i: jax.Array  # [nbx, d] row box centres, half-widths r_i, slopes a_i
+  r_i: jax.Array
+  a_i: jax.Array
+  f_hat: jax.Array  # [nbx] F_I of bound 2
+  c_j: jax.Array  # [nby, d] column box centres, half-widths r_j, slopes b_j
+  r_j: jax.Array
+  b_j: jax.Array
+  g_lse: jax.Array  # [nby] LSE_j(log b_j + ĝ_j/ε) of bound 3
+
+
+def _bound_terms(bx: Blocks, by: Blocks, f_blocks, g_blocks, eps) -> _BoundTerms:
   if f_blocks.shape != bx.valid.shape:
     raise ValueError(f"`f_blocks` must have shape {bx.valid.shape}, got {f_blocks.shape}.")
   if g_blocks.shape != by.valid.shape:
     raise ValueError(f"`g_blocks` must have shape {by.valid.shape}, got {g_blocks.shape}.")
   dtype = bx.lo.dtype
-  nbx, bxs, d = bx.points.shape
-  nby, bys, _ = by.points.shape
+  nbx, _, d = bx.points.shape
+  nby = by.points.shape[0]
   inv_eps = 1.0 / jax.lax.stop_gradient(jnp.asarray(eps, dtype))
   f = jnp.where(bx.valid, jax.lax.stop_gradient(f_blocks).astype(dtype), -jnp.inf)
   g = jnp.where(by.valid, jax.lax.stop_gradient(g_blocks).astype(dtype), 0.0)
   lw = jnp.where(by.valid, jax.lax.stop_gradient(by.log_weights).astype(dtype), -jnp.inf)
-  x = jax.lax.stop_gradient(bx.points).astype(dtype)
-  y = jax.lax.stop_gradient(by.points).astype(dtype)
+  h = lw + g * inv_eps
 
   # 1. Box.
   dist2 = jnp.zeros((nbx, nby), dtype)
   for k in range(d):  # static d ≤ 3: [nbx, nby] planes
     gap = jnp.maximum(by.lo[None, :, k] - bx.hi[:, None, k], bx.lo[:, None, k] - by.hi[None, :, k])
     dist2 = dist2 + jnp.square(jnp.maximum(gap, 0.0))
-  f_max = jnp.max(f, axis=1)
-  box = (f_max[:, None] - 0.5 * dist2) * inv_eps + _lse_last(lw + g * inv_eps)[None, :]
+  box = (jnp.max(f, axis=1)[:, None] - 0.5 * dist2) * inv_eps + _lse_last(h)[None, :]
 
-  # 2. Row block vs column point.
+  # 2. Row block vs column point: F_I.
   c_i, r_i, u_i, a_i = _block_frames(bx, f)
   f_hat = jnp.max(f - 0.5 * jnp.sum(u_i * u_i, -1) - jnp.sum(a_i[:, None] * u_i, -1), axis=1)
-  h = lw + g * inv_eps
 
-  def row_block_bound(ids):  # [k] row blocks -> [k, nby]; [k, nby, B_y] planes, one per axis
-    s = jnp.broadcast_to(f_hat[ids][:, None, None], (ids.shape[0],) + h.shape)
-    for k in range(d):
-      w = c_i[ids, k][:, None, None] - y[None, :, :, k]
-      s = s + jnp.abs(a_i[ids, k][:, None, None] - w) * r_i[ids, k][:, None, None] - 0.5 * w * w
-    return _lse_last(h[None] + s * inv_eps)
-
-  bound_2 = _map_blocks(row_block_bound, nbx, nby * bys)
-
-  # 3. Row point vs column block.
+  # 3. Row point vs column block: LSE of log b + ĝ/ε.
   c_j, r_j, v_j, b_j = _block_frames(by, g)
   g_hat = g - 0.5 * jnp.sum(v_j * v_j, -1) - jnp.sum(b_j[:, None] * v_j, -1)
-  g_lse = _lse_last(lw + g_hat * inv_eps)  # [nby]
+  g_lse = _lse_last(lw + g_hat * inv_eps)
 
-  def col_block_bound(ids):  # [k] column blocks -> [k, nbx]
-    s = jnp.broadcast_to(f[None], (ids.shape[0],) + f.shape)
+  return _BoundTerms(
+    inv_eps=inv_eps,
+    x=jax.lax.stop_gradient(bx.points).astype(dtype),
+    y=jax.lax.stop_gradient(by.points).astype(dtype),
+    f=f,
+    h=h,
+    box=box,
+    c_i=c_i,
+    r_i=r_i,
+    a_i=a_i,
+    f_hat=f_hat,
+    c_j=c_j,
+    r_j=r_j,
+    b_j=b_j,
+    g_lse=g_lse,
+  )
+
+
+def _listed_bounds(t: _BoundTerms, rows: jax.Array, cols: jax.Array, count) -> jax.Array:
+  """The bound of :func:`tile_log_bounds` for listed tiles only: ``O(B)`` work per tile
+  instead of the ``O(nbx·m + n·nby)`` of the full mask. Returns ``[capacity]``, ``−inf`` on
+  padding entries."""
+  nbx, bxs, d = t.x.shape
+  nby, bys, _ = t.y.shape
+  chunk = max(1, min(rows.shape[0], (_CHUNK_ENTRIES >> 4) // max(bxs, bys)))
+  rs, cs = _chunks(rows, cols, count, nbx, nby, chunk)
+
+  def work(r, c):
+    ri, ci = jnp.minimum(r, nbx - 1), jnp.minimum(c, nby - 1)
+    s = t.f_hat[ri][:, None]  # bound 2: [K, B_y]
     for k in range(d):
-      z = x[None, :, :, k] - c_j[ids, k][:, None, None]
-      s = s + jnp.abs(b_j[ids, k][:, None, None] + z) * r_j[ids, k][:, None, None] - 0.5 * z * z
-    return jnp.max(s, axis=-1) * inv_eps
+      w = t.c_i[ri, k][:, None] - t.y[ci, :, k]
+      s = s + jnp.abs(t.a_i[ri, k][:, None] - w) * t.r_i[ri, k][:, None] - 0.5 * w * w
+    b2 = _lse_last(t.h[ci] + s * t.inv_eps)
+    s = t.f[ri]  # bound 3: [K, B_x]
+    for k in range(d):
+      z = t.x[ri, :, k] - t.c_j[ci, k][:, None]
+      s = s + jnp.abs(t.b_j[ci, k][:, None] + z) * t.r_j[ci, k][:, None] - 0.5 * z * z
+    b3 = jnp.max(s, axis=-1) * t.inv_eps + t.g_lse[ci]
+    return jnp.where(r < nbx, jnp.minimum(t.box[ri, ci], jnp.minimum(b2, b3)), -jnp.inf)
 
-  bound_3 = _map_blocks(col_block_bound, nby, nbx * bxs).T + g_lse[None, :]
-  return jnp.minimum(box, jnp.minimum(bound_2, bound_3))
+  def body(rc):
+    r, c = rc
+    skip = lambda *_: jnp.full(r.shape, -jnp.inf, t.box.dtype)
+    return jax.lax.cond(jnp.any(r < nbx), work, skip, r, c)
+
+  return jax.lax.map(body, (rs, cs)).reshape(-1)[: rows.shape[0]]
+
+
+def select_tiles(
+  bx: Blocks,
+  by: Blocks,
+  f_blocks: jax.Array,
+  g_blocks: jax.Array,
+  eps,
+  truncate,
+  capacity: int,
+  box_capacity: int | None = None,
+) -> TileList:
+  """The tiles of :func:`keep_tiles` as a :class:`TileList`, at a fraction of its cost.
+
+  Two stages: the cheap box bound (``O(nbx·nby)``) lists candidate tiles in ``box_capacity``
+  entries (default ``min(nbx·nby, 2·capacity)``); the point–block bounds 2 and 3 of
+  :func:`tile_log_bounds` are then evaluated on the candidates only (``O(B)`` per tile) and
+  the survivors compacted into ``capacity`` entries. The kept set is that of
+  :func:`keep_tiles` (the bound is the same minimum of three, and a tile the box drops has
+  a bound ≤ −T), except for the rule that keeps each row block's best tile: here it is the
+  best among the candidates (the box's best tile is always a candidate), which still leaves
+  every row block a partner. If the candidates overflow ``box_capacity`` (mismatched clouds,
+  where the box bound is loose), the full mask of :func:`keep_tiles` is computed instead
+  (``lax.cond``). Overflow of ``capacity`` itself is reported by ``count`` as in
+  :func:`tile_list`.
+
+  Args:
+    bx: row :class:`Blocks`.
+    by: column :class:`Blocks`.
+    f_blocks: ``[nbx, B_x]`` current row potentials.
+    g_blocks: ``[nby, B_y]`` column potentials.
+    eps: positive scalar temperature.
+    truncate: ``T`` (may be traced).
+    capacity: static length of the returned list.
+    box_capacity: static length of the candidate list.
+
+  Returns:
+    :class:`TileList` of the kept tiles, sorted by row block.
+  """
+  capacity = validation.check_count("capacity", capacity)
+  t = _bound_terms(bx, by, f_blocks, g_blocks, eps)
+  nbx, nby = t.box.shape
+  box_capacity = min(nbx * nby, 2 * capacity) if box_capacity is None else box_capacity
+  box_capacity = validation.check_count("box_capacity", box_capacity)
+  massive = jnp.any(by.valid & (by.log_weights > -jnp.inf), axis=1)
+  best_box = jax.nn.one_hot(jnp.argmax(t.box, axis=1), nby, dtype=jnp.bool_)
+  best_box = best_box & jnp.any(bx.valid, axis=1)[:, None]
+  candidates = tile_list((~(t.box <= -truncate) & massive[None, :]) | best_box, box_capacity)
+
+  def refine(_):
+    bound = _listed_bounds(t, candidates.rows, candidates.cols, candidates.count)
+    row_best = jax.ops.segment_max(
+      bound, candidates.rows, num_segments=nbx + 1, indices_are_sorted=True
+    )
+    live = candidates.rows < nbx
+    keep = live & (~(bound <= -truncate) | (bound >= row_best[candidates.rows]))
+    idx = jnp.nonzero(keep, size=capacity, fill_value=box_capacity)[0]
+    pick = jnp.minimum(idx, box_capacity - 1)
+    listed = idx < box_capacity
+    return TileList(
+      jnp.where(listed, candidates.rows[pick], nbx).astype(jnp.int32),
+      jnp.where(listed, candidates.cols[pick], nby).astype(jnp.int32),
+      jnp.sum(keep, dtype=jnp.int32),
+    )
+
+  def full(_):
+    return tile_list(keep_tiles(bx, by, f_blocks, g_blocks, eps, truncate), capacity)
+
+  return jax.lax.cond(overflowed(candidates), full, refine, None)
 
 
 def keep_tiles(
@@ -464,7 +602,7 @@ def keep_tiles(
   massive = jnp.any(by.valid & (by.log_weights > -jnp.inf), axis=1)
   keep = ~(bound <= -truncate) & massive[None, :]  # NaN bound: kept
   best = jax.nn.one_hot(jnp.argmax(bound, axis=1), bound.shape[1], dtype=jnp.bool_)
-  return keep | best
+  return keep | (best & jnp.any(bx.valid, axis=1)[:, None])
 
 
 def tile_list(keep: jax.Array, capacity: int) -> TileList:
@@ -561,12 +699,21 @@ def _gather_tile(x_c, y, h, centers, r, c, inv_eps):
   return rc, xs, ys, hh
 
 
-def _forward(x, y, h, eps, centers, rows, cols, count, chunk):
-  nbx, bxs, _ = x.shape
-  nby = y.shape[0]
-  inv_eps = 1.0 / eps
-  x_c = x - centers[:, None, :]
-  rs, cs = _chunks(rows, cols, count, nbx, nby, chunk)
+def _scan_chunks(work, init, rs, nbx):
+  """``lax.scan`` of ``work(carry, r, c)`` over the tile chunks; a chunk made only of padding
+  (the unused tail of the capacity) is skipped."""
+
+  def body(carry, rc):
+    r, c = rc
+    return jax.lax.cond(jnp.any(r < nbx), work, lambda cr, *_: cr, carry, r, c), None
+
+  return jax.lax.scan(body, init, rs)[0]
+
+
+def _forward_online(x_c, y, h, inv_eps, centers, rs, cs):
+  """Log-sum-exp of the hat logits over the listed tiles with a running max: safe for any
+  potentials, but two passes over each tile's logits. Returns ``lse_hat [nbx, B_x]``."""
+  nbx, bxs, _ = x_c.shape
 
   def work(carry, r, c):
     m_acc, s_acc = carry
@@ -584,41 +731,82 @@ def _forward(x, y, h, eps, centers, rows, cols, count, chunk):
     add = jnp.where(mt > -jnp.inf, st * jnp.exp(mt - jnp.where(new > -jnp.inf, new, 0.0)), 0.0)
     return m_new, s_acc.at[r].add(add, mode="drop")
 
-  def body(carry, rc):
-    r, c = rc
-    # A chunk made only of padding (the tail of the capacity) is skipped.
-    return jax.lax.cond(jnp.any(r < nbx), work, lambda cr, *_: cr, carry, r, c), None
-
-  init = (jnp.full((nbx, bxs), -jnp.inf, x.dtype), jnp.zeros((nbx, bxs), x.dtype))
-  (m_acc, s_acc), _ = jax.lax.scan(body, init, (rs, cs))
-  lse_hat = m_acc + jnp.log(s_acc)  # empty row: −inf + log 0 = −inf
-  lse = lse_hat - (0.5 * inv_eps) * jnp.sum(x_c * x_c, axis=-1)
-  return -eps * lse, lse_hat
+  init = (jnp.full((nbx, bxs), -jnp.inf, x_c.dtype), jnp.zeros((nbx, bxs), x_c.dtype))
+  m_acc, s_acc = _scan_chunks(work, init, (rs, cs), nbx)
+  return m_acc + jnp.log(s_acc)  # empty row: −inf + log 0 = −inf
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
-def _tiled_softmin(x, y, h, eps, centers, rows, cols, count, chunk):
-  return _forward(x, y, h, eps, centers, rows, cols, count, chunk)[0]
+# The single pass is accepted when every row's Σ exp(s − o) lies in [e^-50, e^50]: no partial
+# sum can overflow float32 (e^88), and terms flushed below e^-87 weigh < e^-37 of the sum each.
+_OFFSET_RANGE = 50.0
 
 
-def _tiled_softmin_fwd(x, y, h, eps, centers, rows, cols, count, chunk):
-  out, lse_hat = _forward(x, y, h, eps, centers, rows, cols, count, chunk)
+def _forward_offset(x_c, y, h, inv_eps, centers, rs, cs, o_hat, valid):
+  """One pass: ``Σ_j exp(s_ij − o_i)`` with a fixed per-row offset ``o`` (an estimate of the
+  row's log-sum-exp), no running max. Returns ``(lse_hat, ok)``; ``ok`` is false when some
+  row's sum left the safe range (the estimate was off by more than ``_OFFSET_RANGE``)."""
+  nbx, bxs, _ = x_c.shape
+
+  def work(acc, r, c):
+    rc, xs, ys, hh = _gather_tile(x_c, y, h, centers, r, c, inv_eps)
+    s = _tile_logits(xs, ys * inv_eps, hh) - o_hat[rc][..., None]
+    return acc.at[r].add(jnp.sum(jnp.exp(s), axis=-1), mode="drop")
+
+  acc = _scan_chunks(work, jnp.zeros((nbx, bxs), x_c.dtype), (rs, cs), nbx)
+  in_range = (acc >= math.exp(-_OFFSET_RANGE)) & (acc <= math.exp(_OFFSET_RANGE))
+  ok = jnp.all(in_range | ~valid)
+  return o_hat + jnp.log(acc), ok
+
+
+def _forward(x, y, h, eps, centers, rows, cols, count, f_est, valid, chunk):
+  nbx = x.shape[0]
+  nby = y.shape[0]
+  inv_eps = 1.0 / eps
+  x_c = x - centers[:, None, :]
+  half_x2 = (0.5 * inv_eps) * jnp.sum(x_c * x_c, axis=-1)
+  rs, cs = _chunks(rows, cols, count, nbx, nby, chunk)
+  if f_est is None:
+    lse_hat = _forward_online(x_c, y, h, inv_eps, centers, rs, cs)
+    # Padding rows are not the caller's: they read 0, not a softmin of whatever they hold.
+    lse_hat = jnp.where(valid, lse_hat, half_x2)
+  else:
+    # Near the fixed point the row's log-sum-exp is −f/ε (hat units: + ½‖x'‖²/ε), so the exp
+    # needs no running max; a row off by > e^50 reruns the whole softmin with the online max.
+    o_hat = jnp.where(jnp.isfinite(f_est), -f_est * inv_eps, 0.0) + half_x2
+    lse_hat, ok = _forward_offset(x_c, y, h, inv_eps, centers, rs, cs, o_hat, valid)
+    lse_hat = jax.lax.cond(
+      ok,
+      lambda: lse_hat,
+      lambda: _forward_online(x_c, y, h, inv_eps, centers, rs, cs),
+    )
+    # Padding rows read their estimate.
+    lse_hat = jnp.where(valid, lse_hat, o_hat)
+  return -eps * (lse_hat - half_x2), lse_hat
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11))
+def _tiled_softmin(x, y, h, eps, centers, rows, cols, count, f_est, valid, chunk, column_grad):
+  return _forward(x, y, h, eps, centers, rows, cols, count, f_est, valid, chunk)[0]
+
+
+def _tiled_softmin_fwd(x, y, h, eps, centers, rows, cols, count, f_est, valid, chunk, column_grad):
+  out, lse_hat = _forward(x, y, h, eps, centers, rows, cols, count, f_est, valid, chunk)
   # Residuals are O(n + m + capacity): the tiles are recomputed in the backward pass.
-  return out, (x, y, h, eps, centers, rows, cols, count, lse_hat, out)
+  return out, (x, y, h, eps, centers, rows, cols, count, valid, lse_hat, out)
 
 
-def _tiled_softmin_bwd(chunk, res, ct):
+def _tiled_softmin_bwd(chunk, column_grad, res, ct):
   # With P_ij = exp(h_j − C_ij/ε − LSE_i) over the kept tiles, out_i = −ε LSE_i and cotangent
   # c_i:  d/dx_i = c_i Σ_j P_ij (x_i − y_j),   d/dy_j = Σ_i c_i P_ij (y_j − x_i),
   #       d/dh_j = −ε Σ_i c_i P_ij,            d/dε  = Σ_i c_i (out_i − Σ_j P_ij C_ij) / ε.
   # Differences are translation invariant, so each tile works in its centred coordinates. The
   # row sums (Σ_j P (x'−y'), Σ_j P C) do not need c and are scaled by it at the end. An empty
   # row (LSE = −inf, out = +inf) has P = 0 and contributes nothing.
-  x, y, h, eps, centers, rows, cols, count, lse_hat, out = res
+  x, y, h, eps, centers, rows, cols, count, valid, lse_hat, out = res
   nbx, bxs, d = x.shape
   nby, bys, _ = y.shape
   inv_eps = 1.0 / eps
-  live = jnp.isfinite(lse_hat)
+  live = valid & jnp.isfinite(lse_hat)
   ct = jnp.where(live, ct, 0.0)
   offset = jnp.where(live, lse_hat, jnp.inf)
   x_c = x - centers[:, None, :]
@@ -629,30 +817,36 @@ def _tiled_softmin_bwd(chunk, res, ct):
     rc, xs, ys, hh = _gather_tile(x_c, y, h, centers, r, c, inv_eps)
     p = jnp.exp(_tile_logits(xs, ys * inv_eps, hh) - offset[rc][..., None])  # [K, Bx, By]
     half_y2 = 0.5 * jnp.sum(ys * ys, axis=-1, keepdims=True)
-    py = jnp.einsum("kij,kjc->kic", p, jnp.concatenate([jnp.ones_like(half_y2), ys, half_y2], -1))
+    # Broadcast-multiply-reduce, not einsum: XLA's CPU batched matmul with 3–4 output columns
+    # ran at 0.18 G entries/s against 1.1 for this fused form (BUILD_NOTES.md, "Multiscale").
+    feats = jnp.concatenate([jnp.ones_like(half_y2), ys, half_y2], -1)  # [K, By, d + 2]
+    py = jnp.sum(p[..., None] * feats[:, None, :, :], axis=-2)
     p0, p_y, p_y2 = py[..., 0], py[..., 1 : d + 1], py[..., d + 1]
     r_dx = xs * p0[..., None] - p_y
     r_pc = 0.5 * jnp.sum(xs * xs, axis=-1) * p0 - jnp.sum(xs * p_y, axis=-1) + p_y2
-    ctk = ct[rc][..., None]
-    pc = jnp.einsum("kij,kic->kjc", p, jnp.concatenate([ctk, ctk * xs], -1))  # [K, By, d + 1]
-    w, u = pc[..., :1], pc[..., 1:]
     row_acc = row_acc.at[r].add(jnp.concatenate([r_dx, r_pc[..., None]], -1), mode="drop")
-    col_acc = col_acc.at[c].add(jnp.concatenate([ys * w - u, w], -1), mode="drop")
+    if column_grad:
+      ctk = ct[rc][..., None]
+      weights = jnp.concatenate([ctk, ctk * xs], -1)  # [K, Bx, d + 1]
+      pc = jnp.sum(p[..., None] * weights[:, :, None, :], axis=-3)  # [K, By, d + 1]
+      w, u = pc[..., :1], pc[..., 1:]
+      col_acc = col_acc.at[c].add(jnp.concatenate([ys * w - u, w], -1), mode="drop")
     return row_acc, col_acc
 
-  def body(carry, rc):
-    r, c = rc
-    return jax.lax.cond(jnp.any(r < nbx), work, lambda cr, *_: cr, carry, r, c), None
-
-  init = (jnp.zeros((nbx, bxs, d + 1), x.dtype), jnp.zeros((nby, bys, d + 1), x.dtype))
-  (row_acc, col_acc), _ = jax.lax.scan(body, init, (rs, cs))
+  col_shape = (nby, bys, d + 1) if column_grad else (1, 1, d + 1)  # unused without column_grad
+  init = (jnp.zeros((nbx, bxs, d + 1), x.dtype), jnp.zeros(col_shape, x.dtype))
+  row_acc, col_acc = _scan_chunks(work, init, (rs, cs), nbx)
   dx = ct[..., None] * row_acc[..., :d]
   deps = jnp.sum(jnp.where(live, ct * (out - row_acc[..., d]), 0.0)) * inv_eps
+  if not column_grad:
+    col_acc = jnp.zeros((nby, bys, d + 1), x.dtype)
   return (
     dx,
     col_acc[..., :d],
     -eps * col_acc[..., d],
     deps.astype(eps.dtype),
+    None,
+    None,
     None,
     None,
     None,
@@ -670,6 +864,8 @@ def block_sparse_softmin(
   eps,
   tiles: TileList,
   tiles_per_chunk: int | None = None,
+  f_estimate: jax.Array | None = None,
+  column_grad: bool = True,
 ) -> jax.Array:
   """Softmin of true potentials restricted to the listed tiles, in block layout.
 
@@ -681,11 +877,16 @@ def block_sparse_softmin(
   multiscale backend, Feydy et al. 2019, laid out as in MULTISCALE.md §3.4–3.5). Each tile's
   ``B_x × B_y`` logits are reduced to a per-row max and sum of exponentials and merged over the
   row block's tiles by an online log-sum-exp, ``tiles_per_chunk`` tiles at a time in a
-  ``lax.scan``: memory ``O(n + m + capacity)`` plus one chunk of logits, never
-  ``[capacity, B_x, B_y]``. A custom VJP recomputes the tiles, giving gradients with respect to
-  ``bx.points``, ``by.points``, ``g_blocks``, ``by.log_weights`` and ``eps`` with the same
-  memory. A row with no listed mass gets ``+inf`` (and zero gradient). Jittable; the tile
-  list's capacity and ``tiles_per_chunk`` are static. Overflow (``tiles.count > capacity``) is
+  ``lax.scan``. Given ``f_estimate`` (the rows' current potentials, e.g. the previous
+  iterate), the exponentials are taken once, relative to the fixed offset ``−f_estimate/ε``,
+  with no running max (about twice as fast); if any row's sum then leaves ``[e^-50, e^50]``
+  (an estimate off by more than ``50 ε``), the whole softmin reruns with the online max, so
+  the result never depends on the estimate beyond rounding. Memory ``O(n + m + capacity)``
+  plus one chunk of logits, never ``[capacity, B_x, B_y]``. A custom VJP recomputes the
+  tiles, giving gradients with respect to ``bx.points``, ``by.points``, ``g_blocks``,
+  ``by.log_weights`` and ``eps`` with the same memory. A valid row with no listed mass gets
+  ``+inf`` (and zero gradient). Jittable; the tile list's capacity and ``tiles_per_chunk``
+  are static. Overflow (``tiles.count > capacity``) is
   not corrected here: check :func:`overflowed`.
 
   Args:
@@ -695,10 +896,15 @@ def block_sparse_softmin(
     eps: positive scalar temperature ``ε``.
     tiles: :class:`TileList` from :func:`tile_list`.
     tiles_per_chunk: tiles per scan step (static; default :func:`default_tiles_per_chunk`).
+    f_estimate: optional ``[nbx, B_x]`` estimate of the result (gradient stopped), for the
+      one-pass exponentials above.
+    column_grad: static; ``False`` skips the column cotangents in the backward pass (they
+      come out as zeros), for callers that differentiate the rows only.
 
   Returns:
-    ``[nbx, B_x]`` softmin in ``bx``'s layout (padding rows hold the softmin of a padding copy;
-    :func:`from_blocks` drops them).
+    ``[nbx, B_x]`` softmin in ``bx``'s layout. Rows that are not ``bx.valid`` (padding, or
+    cells a caller marked empty) are not the caller's: they hold ``f_estimate`` (or 0), have
+    zero gradient and need no tile; :func:`from_blocks` drops padding.
   """
   x, y = bx.points, by.points
   if x.ndim != 3 or y.ndim != 3 or x.shape[2] != y.shape[2]:
@@ -716,6 +922,21 @@ def block_sparse_softmin(
   g = jnp.where(by.valid, jnp.asarray(g_blocks, dtype), 0.0)
   h = jnp.where(by.valid, by.log_weights.astype(dtype) + g / eps, -jnp.inf)
   centers = jax.lax.stop_gradient(0.5 * (bx.lo + bx.hi)).astype(dtype)
+  if f_estimate is not None:
+    if f_estimate.shape != bx.valid.shape:
+      raise ValueError(f"`f_estimate` must have shape {bx.valid.shape}, got {f_estimate.shape}.")
+    f_estimate = jax.lax.stop_gradient(jnp.asarray(f_estimate, dtype))
   return _tiled_softmin(
-    x, y.astype(dtype), h, eps, centers, tiles.rows, tiles.cols, tiles.count, chunk
+    x,
+    y.astype(dtype),
+    h,
+    eps,
+    centers,
+    tiles.rows,
+    tiles.cols,
+    tiles.count,
+    f_estimate,
+    bx.valid,
+    chunk,
+    bool(column_grad),
   )

@@ -116,13 +116,12 @@ _COL_POT = (1, 0, 2, 3)
 def _fine_softmin(rows, cols, f_rows, g_cols, eps, truncate, capacity, chunk, stats: _Stats):
   """Block-sparse softmin of ``g_cols`` onto the rows, tiles chosen from ``(f_rows, g_cols)``;
   the dense kernel when the tile list overflows. Returns ``(f̃ [nb, B], stats)``."""
-  keep = multiscale.keep_tiles(rows, cols, sg(f_rows), sg(g_cols), sg(eps), truncate)
-  tiles = multiscale.tile_list(keep, capacity)
+  tiles = multiscale.select_tiles(rows, cols, sg(f_rows), sg(g_cols), sg(eps), truncate, capacity)
   over = multiscale.overflowed(tiles)
   g = jnp.where(cols.valid, g_cols, 0.0)
 
   def sparse(_):
-    return multiscale.block_sparse_softmin(rows, cols, g, eps, tiles)
+    return multiscale.block_sparse_softmin(rows, cols, g, eps, tiles, f_estimate=sg(f_rows))
 
   def dense(_):
     r, _ = _flat(rows)
@@ -133,7 +132,7 @@ def _fine_softmin(rows, cols, f_rows, g_cols, eps, truncate, capacity, chunk, st
   stats = _Stats(
     stats.fallbacks + over.astype(jnp.int32),
     stats.kept + jnp.minimum(tiles.count, capacity).astype(stats.kept.dtype),
-    stats.total + keep.size,
+    stats.total + rows.valid.shape[0] * cols.valid.shape[0],
   )
   return out, stats
 
