@@ -200,6 +200,8 @@ def make_blocks(
   lo: jax.Array | None = None,
   hi: jax.Array | None = None,
   bits: int | None = None,
+  perm: jax.Array | None = None,
+  valid: jax.Array | None = None,
 ) -> Blocks:
   """Sorts a cloud along its Hilbert curve and cuts it into blocks of ``block_size`` points.
 
@@ -215,6 +217,10 @@ def make_blocks(
     lo: optional ``[d]`` grid corner for :func:`hilbert_permutation`.
     hi: optional ``[d]`` grid corner.
     bits: optional Hilbert grid resolution per axis.
+    perm: optional ``[n]`` order to use instead of the Hilbert order (e.g. grid cells sorted
+      by their own Hilbert index, :mod:`gsae_jax.ot.multiscale_divergence`).
+    valid: optional ``[n]`` bool: points marked false are treated as padding (not computed as
+      rows, no tile of their own, outside the boxes); default all true.
 
   Returns:
     :class:`Blocks`.
@@ -234,17 +240,29 @@ def make_blocks(
     raise ValueError(f"`log_weights` must be a [{n}] vector, got shape {log_weights.shape}.")
   nb = -(-n // bs)
   pad = nb * bs - n
-  perm = hilbert_permutation(points, lo, hi, bits)
+  if perm is None:
+    perm = hilbert_permutation(points, lo, hi, bits)
+  elif perm.shape != (n,):
+    raise ValueError(f"`perm` must be a [{n}] permutation, got shape {perm.shape}.")
+  perm = perm.astype(jnp.int32)
   pts = points[perm]
   lw = log_weights[perm]
   if pad:
     pts = jnp.concatenate([pts, jnp.broadcast_to(pts[-1:], (pad, d))])
     lw = jnp.concatenate([lw, jnp.full((pad,), -jnp.inf, dtype)])
-  valid = (jnp.arange(nb * bs) < n).reshape(nb, bs)
+  inside = jnp.arange(nb * bs) < n
+  if valid is not None:
+    if valid.shape != (n,):
+      raise ValueError(f"`valid` must be a [{n}] bool vector, got shape {valid.shape}.")
+    inside = inside & jnp.concatenate([valid[perm], jnp.zeros((pad,), bool)])
+  valid = inside.reshape(nb, bs)
   pts = pts.reshape(nb, bs, d)
   stat = jax.lax.stop_gradient(pts)
   lo_b = jnp.min(jnp.where(valid[..., None], stat, jnp.inf), axis=1)
   hi_b = jnp.max(jnp.where(valid[..., None], stat, -jnp.inf), axis=1)
+  # A block without a valid point gets the box of its first point (finite, never kept).
+  some = jnp.any(valid, axis=1)[:, None]
+  lo_b, hi_b = jnp.where(some, lo_b, stat[:, 0]), jnp.where(some, hi_b, stat[:, 0])
   return Blocks(pts, lw.reshape(nb, bs), valid, perm, lo_b, hi_b)
 
 
@@ -474,12 +492,11 @@ def _listed_bounds(t: _BoundTerms, rows: jax.Array, cols: jax.Array, count) -> j
     b3 = jnp.max(s, axis=-1) * t.inv_eps + t.g_lse[ci]
     return jnp.where(r < nbx, jnp.minimum(t.box[ri, ci], jnp.minimum(b2, b3)), -jnp.inf)
 
-  def body(rc):
-    r, c = rc
-    skip = lambda *_: jnp.full(r.shape, -jnp.inf, t.box.dtype)
-    return jax.lax.cond(jnp.any(r < nbx), work, skip, r, c)
-
-  return jax.lax.map(body, (rs, cs)).reshape(-1)[: rows.shape[0]]
+  out = jnp.full(rs.shape, -jnp.inf, t.box.dtype)
+  out = jax.lax.fori_loop(
+    0, _live_chunks(count, rs), lambda i, o: o.at[i].set(work(rs[i], cs[i])), out
+  )
+  return out.reshape(-1)[: rows.shape[0]]
 
 
 def select_tiles(
@@ -699,18 +716,21 @@ def _gather_tile(x_c, y, h, centers, r, c, inv_eps):
   return rc, xs, ys, hh
 
 
-def _scan_chunks(work, init, rs, nbx):
-  """``lax.scan`` of ``work(carry, r, c)`` over the tile chunks; a chunk made only of padding
-  (the unused tail of the capacity) is skipped."""
-
-  def body(carry, rc):
-    r, c = rc
-    return jax.lax.cond(jnp.any(r < nbx), work, lambda cr, *_: cr, carry, r, c), None
-
-  return jax.lax.scan(body, init, rs)[0]
+def _live_chunks(count, rs) -> jax.Array:
+  """Chunks that hold listed tiles: live entries are the first ``count`` (``jnp.nonzero``
+  order), so the unused tail of the capacity is never visited."""
+  n_chunks, chunk = rs.shape
+  return jnp.clip((count + chunk - 1) // chunk, 0, n_chunks)
 
 
-def _forward_online(x_c, y, h, inv_eps, centers, rs, cs):
+def _scan_chunks(work, init, chunks, count):
+  """``work(carry, r, c)`` over the live tile chunks (a loop of dynamic length: a skipped
+  chunk would still cost a step, and capacities are sized for the worst case)."""
+  rs, cs = chunks
+  return jax.lax.fori_loop(0, _live_chunks(count, rs), lambda i, cr: work(cr, rs[i], cs[i]), init)
+
+
+def _forward_online(x_c, y, h, inv_eps, centers, rs, cs, count):
   """Log-sum-exp of the hat logits over the listed tiles with a running max: safe for any
   potentials, but two passes over each tile's logits. Returns ``lse_hat [nbx, B_x]``."""
   nbx, bxs, _ = x_c.shape
@@ -732,7 +752,7 @@ def _forward_online(x_c, y, h, inv_eps, centers, rs, cs):
     return m_new, s_acc.at[r].add(add, mode="drop")
 
   init = (jnp.full((nbx, bxs), -jnp.inf, x_c.dtype), jnp.zeros((nbx, bxs), x_c.dtype))
-  m_acc, s_acc = _scan_chunks(work, init, (rs, cs), nbx)
+  m_acc, s_acc = _scan_chunks(work, init, (rs, cs), count)
   return m_acc + jnp.log(s_acc)  # empty row: −inf + log 0 = −inf
 
 
@@ -741,7 +761,7 @@ def _forward_online(x_c, y, h, inv_eps, centers, rs, cs):
 _OFFSET_RANGE = 50.0
 
 
-def _forward_offset(x_c, y, h, inv_eps, centers, rs, cs, o_hat, valid):
+def _forward_offset(x_c, y, h, inv_eps, centers, rs, cs, count, o_hat, valid):
   """One pass: ``Σ_j exp(s_ij − o_i)`` with a fixed per-row offset ``o`` (an estimate of the
   row's log-sum-exp), no running max. Returns ``(lse_hat, ok)``; ``ok`` is false when some
   row's sum left the safe range (the estimate was off by more than ``_OFFSET_RANGE``)."""
@@ -752,7 +772,7 @@ def _forward_offset(x_c, y, h, inv_eps, centers, rs, cs, o_hat, valid):
     s = _tile_logits(xs, ys * inv_eps, hh) - o_hat[rc][..., None]
     return acc.at[r].add(jnp.sum(jnp.exp(s), axis=-1), mode="drop")
 
-  acc = _scan_chunks(work, jnp.zeros((nbx, bxs), x_c.dtype), (rs, cs), nbx)
+  acc = _scan_chunks(work, jnp.zeros((nbx, bxs), x_c.dtype), (rs, cs), count)
   in_range = (acc >= math.exp(-_OFFSET_RANGE)) & (acc <= math.exp(_OFFSET_RANGE))
   ok = jnp.all(in_range | ~valid)
   return o_hat + jnp.log(acc), ok
@@ -766,18 +786,18 @@ def _forward(x, y, h, eps, centers, rows, cols, count, f_est, valid, chunk):
   half_x2 = (0.5 * inv_eps) * jnp.sum(x_c * x_c, axis=-1)
   rs, cs = _chunks(rows, cols, count, nbx, nby, chunk)
   if f_est is None:
-    lse_hat = _forward_online(x_c, y, h, inv_eps, centers, rs, cs)
+    lse_hat = _forward_online(x_c, y, h, inv_eps, centers, rs, cs, count)
     # Padding rows are not the caller's: they read 0, not a softmin of whatever they hold.
     lse_hat = jnp.where(valid, lse_hat, half_x2)
   else:
     # Near the fixed point the row's log-sum-exp is −f/ε (hat units: + ½‖x'‖²/ε), so the exp
     # needs no running max; a row off by > e^50 reruns the whole softmin with the online max.
     o_hat = jnp.where(jnp.isfinite(f_est), -f_est * inv_eps, 0.0) + half_x2
-    lse_hat, ok = _forward_offset(x_c, y, h, inv_eps, centers, rs, cs, o_hat, valid)
+    lse_hat, ok = _forward_offset(x_c, y, h, inv_eps, centers, rs, cs, count, o_hat, valid)
     lse_hat = jax.lax.cond(
       ok,
       lambda: lse_hat,
-      lambda: _forward_online(x_c, y, h, inv_eps, centers, rs, cs),
+      lambda: _forward_online(x_c, y, h, inv_eps, centers, rs, cs, count),
     )
     # Padding rows read their estimate.
     lse_hat = jnp.where(valid, lse_hat, o_hat)
@@ -813,31 +833,33 @@ def _tiled_softmin_bwd(chunk, column_grad, res, ct):
   rs, cs = _chunks(rows, cols, count, nbx, nby, chunk)
 
   def work(carry, r, c):
-    row_acc, col_acc = carry
+    dx_acc, pc_acc, col_acc = carry
     rc, xs, ys, hh = _gather_tile(x_c, y, h, centers, r, c, inv_eps)
     p = jnp.exp(_tile_logits(xs, ys * inv_eps, hh) - offset[rc][..., None])  # [K, Bx, By]
-    half_y2 = 0.5 * jnp.sum(ys * ys, axis=-1, keepdims=True)
     # Broadcast-multiply-reduce, not einsum: XLA's CPU batched matmul with 3–4 output columns
     # ran at 0.18 G entries/s against 1.1 for this fused form (BUILD_NOTES.md, "Multiscale").
-    feats = jnp.concatenate([jnp.ones_like(half_y2), ys, half_y2], -1)  # [K, By, d + 2]
+    feats = jnp.concatenate([jnp.ones_like(ys[..., :1]), ys], -1)  # [K, By, d + 1]
     py = jnp.sum(p[..., None] * feats[:, None, :, :], axis=-2)
-    p0, p_y, p_y2 = py[..., 0], py[..., 1 : d + 1], py[..., d + 1]
-    r_dx = xs * p0[..., None] - p_y
+    p0, p_y = py[..., 0], py[..., 1:]
+    dx_acc = dx_acc.at[r].add(xs * p0[..., None] - p_y, mode="drop")
+    # Σ_j P C for d/dε, in its own sum and carry: XLA drops both when ε needs no gradient.
+    p_y2 = jnp.sum(p * (0.5 * jnp.sum(ys * ys, axis=-1))[:, None, :], axis=-1)
     r_pc = 0.5 * jnp.sum(xs * xs, axis=-1) * p0 - jnp.sum(xs * p_y, axis=-1) + p_y2
-    row_acc = row_acc.at[r].add(jnp.concatenate([r_dx, r_pc[..., None]], -1), mode="drop")
+    pc_acc = pc_acc.at[r].add(r_pc, mode="drop")
     if column_grad:
       ctk = ct[rc][..., None]
       weights = jnp.concatenate([ctk, ctk * xs], -1)  # [K, Bx, d + 1]
       pc = jnp.sum(p[..., None] * weights[:, :, None, :], axis=-3)  # [K, By, d + 1]
       w, u = pc[..., :1], pc[..., 1:]
       col_acc = col_acc.at[c].add(jnp.concatenate([ys * w - u, w], -1), mode="drop")
-    return row_acc, col_acc
+    return dx_acc, pc_acc, col_acc
 
   col_shape = (nby, bys, d + 1) if column_grad else (1, 1, d + 1)  # unused without column_grad
-  init = (jnp.zeros((nbx, bxs, d + 1), x.dtype), jnp.zeros(col_shape, x.dtype))
-  row_acc, col_acc = _scan_chunks(work, init, (rs, cs), nbx)
-  dx = ct[..., None] * row_acc[..., :d]
-  deps = jnp.sum(jnp.where(live, ct * (out - row_acc[..., d]), 0.0)) * inv_eps
+  zeros = lambda *shape: jnp.zeros(shape, x.dtype)
+  init = (zeros(nbx, bxs, d), zeros(nbx, bxs), zeros(*col_shape))
+  dx_acc, pc_acc, col_acc = _scan_chunks(work, init, (rs, cs), count)
+  dx = ct[..., None] * dx_acc
+  deps = jnp.sum(jnp.where(live, ct * (out - pc_acc), 0.0)) * inv_eps
   if not column_grad:
     col_acc = jnp.zeros((nby, bys, d + 1), x.dtype)
   return (

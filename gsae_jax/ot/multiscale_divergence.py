@@ -5,18 +5,21 @@ Same divergence, schedule and update order as the dense backend (GeomLoss
 with two scales, as GeomLoss's ``multiscale`` backend:
 
 1. **Coarse phase.** While ``√ε`` is at least the cell side of a static ``K^d`` grid
-   (:mod:`gsae_jax.ot.clusters`), the annealing runs densely on the cells' mass-weighted
-   centroids (``K^d × K^d`` pairs, cheap).
+   (:mod:`gsae_jax.ot.clusters`; 128² cells in 2-D, 16³ in 3-D), the annealing runs on the
+   cells' mass-weighted centroids, through the same block-sparse softmin as the points: the
+   occupied cells first along the grid's Hilbert curve, the empty ones marked invalid, so
+   only occupied cells and their relevant tiles cost anything.
 2. **Jump.** Each potential moves to the points as its cell's coarse value plus the
-   within-cell variation of one fresh softmin of the points against the centroids, which
-   keeps the lag of the annealed potentials (GeomLoss's bare softmin extrapolation does not;
-   BUILD_NOTES.md, "Multiscale backend").
+   within-cell variation of one fresh (block-sparse) softmin of the points against the
+   centroids, which keeps the lag of the annealed potentials (GeomLoss's bare softmin
+   extrapolation does not; BUILD_NOTES.md, "Multiscale backend").
 3. **Fine phase.** Every later update, the final extrapolation and the converged-mode tail
-   use the block-sparse softmin of :mod:`gsae_jax.ot.multiscale`: the tile mask is recomputed
-   from the current potentials for every softmin, and a dropped tile provably carries less
-   than ``e^{−T}`` of each row's mass (``truncate=T``). A tile list that overflows its static
-   capacity makes that softmin run densely (``lax.cond``), and the result counts it in
-   ``dense_fallbacks``: never a silent loss of tiles.
+   use the block-sparse softmin of :mod:`gsae_jax.ot.multiscale`: the tiles are selected
+   afresh from the current potentials for every softmin (:func:`multiscale.select_tiles`),
+   a dropped tile provably carries less than ``e^{−T}`` of each row's mass (``truncate=T``),
+   and the current potentials also serve as the one-pass kernel's offset. A tile list that
+   overflows its static capacity makes that softmin run densely (``lax.cond``), and the
+   result counts it in ``dense_fallbacks``: never a silent loss of tiles.
 
 Gradients: ``envelope`` only (the final extrapolation runs the block-sparse softmin with live
 row points; its custom VJP recomputes the tiles).
@@ -37,18 +40,22 @@ from gsae_jax.ot.softmin import softmin_kernel
 
 sg = jax.lax.stop_gradient
 
-# Cells of the coarse grid in all (K^d): K = 64 in d = 2 (GeomLoss's default clusters are of
-# the same order, ≈ 2 000 over the box; MULTISCALE.md §2), 16 in d = 3.
-_GRID_CELLS = 4096
-# The coarse phase runs while √ε ≥ this many cell sides. In d = 3 the 16³ cells are 4× wider
-# than the 64² cells of d = 2, and jumping at one cell left the gradient 8–19 % off dense
-# (n = 1 500); at four cells it is within 5 % (BUILD_NOTES.md, "Multiscale backend").
+# Cells of the coarse grid in all (K^d): K = 128 in d = 2, 16 in d = 3. Only occupied cells
+# cost anything, so a finer grid than GeomLoss's ≈ 2 000 clusters (MULTISCALE.md §2) is
+# cheap, and it moves the jump to a smaller ε, where the fine levels are sparser (BUILD_NOTES,
+# "Multiscale backend").
+_GRID_CELLS = {1: 4096, 2: 16384, 3: 4096}
+# The coarse phase runs while √ε ≥ this many cell sides. In d = 3 (16³ cells) jumping at one
+# cell left the gradient 8–19 % off dense (n = 1 500); at four cells it is within 5 %
+# (BUILD_NOTES.md, "Multiscale backend").
 _JUMP_CELLS = {1: 1.0, 2: 1.0, 3: 4.0}
+# Cells per block of the coarse cloud.
+_CELL_BLOCK = 128
 
 
 def grid_per_axis(d: int) -> int:
   """``K`` of the coarse ``K^d`` grid in dimension ``d``."""
-  return max(2, round(_GRID_CELLS ** (1.0 / d)))
+  return max(2, round(_GRID_CELLS[d] ** (1.0 / d)))
 
 
 def tile_capacity(n_row_blocks: int, n_col_blocks: int, fraction: float) -> int:
@@ -93,6 +100,20 @@ def _pad_blocks(blocks: multiscale.Blocks, nb: int) -> multiscale.Blocks:
   )
 
 
+def _cell_blocks(grid: clusters.Grid, centroids, log_mass) -> multiscale.Blocks:
+  """The grid's cells as a cloud in block layout: the occupied cells first, along the Hilbert
+  curve of their integer coordinates (so a block is a compact patch), then the empty ones,
+  marked not valid (never computed as rows, massless as columns)."""
+  k = grid.per_axis
+  n_cells, d = centroids.shape
+  flat = jnp.arange(n_cells, dtype=jnp.int32)
+  digits = (flat[:, None] // (k ** jnp.arange(d - 1, -1, -1, dtype=jnp.int32))) % k
+  key = multiscale.hilbert_index(digits.astype(jnp.uint32), max(1, (k - 1).bit_length()))
+  occupied = log_mass > -jnp.inf
+  perm = jnp.lexsort((key, ~occupied))
+  return multiscale.make_blocks(centroids, log_mass, _CELL_BLOCK, perm=perm, valid=occupied)
+
+
 def _stack(*blocks: multiscale.Blocks) -> multiscale.Blocks:
   """Blocks of equal shape stacked on a leading side axis (``perm`` dropped: per cloud)."""
   return multiscale.Blocks(
@@ -121,7 +142,10 @@ def _fine_softmin(rows, cols, f_rows, g_cols, eps, truncate, capacity, chunk, st
   g = jnp.where(cols.valid, g_cols, 0.0)
 
   def sparse(_):
-    return multiscale.block_sparse_softmin(rows, cols, g, eps, tiles, f_estimate=sg(f_rows))
+    # Columns are always stopped here (envelope gradients flow through the rows only).
+    return multiscale.block_sparse_softmin(
+      rows, cols, g, eps, tiles, f_estimate=sg(f_rows), column_grad=False
+    )
 
   def dense(_):
     r, _ = _flat(rows)
@@ -165,25 +189,36 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings) -> DivergenceO
   row_lw = rows_all.log_weights
   capacity = tile_capacity(nb, nb, s.tile_fraction)
 
-  def fresh(side, pots, eps, stats, rows=None):
-    # Side `side`'s softmin: its potential's update from its column potential.
-    rows = _side(rows_all, side) if rows is None else rows
+  def side_softmin(side, row_clouds, col_clouds, pots, eps, cap, stats, rows=None, est=None):
+    # Side `side`'s softmin: its potential's update from its column potential, with the rows'
+    # current potential (or `est`) as the tile test's and the one-pass kernel's estimate.
+    rows = _side(row_clouds, side) if rows is None else rows
+    f_rows = pots[side] if est is None else est
     return _fine_softmin(
-      rows,
-      _side(cols_all, side),
-      pots[side],
-      pots[col_pot[side]],
-      eps,
-      truncate,
-      capacity,
-      chunk,
-      stats,
+      rows, _side(col_clouds, side), f_rows, pots[col_pot[side]], eps, truncate, cap, chunk, stats
     )
 
-  # ---- coarse phase (dense on the grid's centroids; true potentials).
+  def fresh(side, pots, eps, stats, rows=None):
+    return side_softmin(side, rows_all, cols_all, pots, eps, capacity, stats, rows=rows)
+
+  # ---- coarse phase: the annealing on the grid's cell centroids (true potentials), through
+  # the same block-sparse softmin: non-empty cells first in Hilbert order, empty cells invalid
+  # (never computed, never a column), so only the ≈ 25 % of occupied cells cost anything.
   grid = clusters.make_grid(xs, ys, grid_per_axis(d))
-  cx, lcx = clusters.cluster(grid, xs, las)
-  cy, lcy = clusters.cluster(grid, ys, lbs)
+  cells = tuple(
+    _cell_blocks(grid, *clusters.cluster(grid, p, lw)) for p, lw in ((xs, las), (ys, lbs))
+  )
+  c_rows = _stack(*(cells[i] for i in _ROW_CLOUD[:n_sides]))
+  c_cols = _stack(*(cells[i] for i in _COL_CLOUD[:n_sides]))
+  nbc = cells[0].valid.shape[0]
+  zero_stats = _Stats(jnp.int32(0), jnp.asarray(0, dtype), jnp.asarray(0, dtype))
+
+  def coarse_update(pots, eps):  # [4, nbc, Bc] -> [n_sides, nbc, Bc]
+    def step(_, side):
+      return None, side_softmin(side, c_rows, c_cols, pots, eps, nbc * nbc, zero_stats)[0]
+
+    return jax.lax.scan(step, None, jnp.arange(n_sides))[1]
+
   # Coarse while √ε ≥ the cell side (times _JUMP_CELLS; GeomLoss jumps once blur < its
   # cluster scale): the init at D², then the intermediate σ_k = D·scaling^(k−1) ≥ that; the
   # last update (ε = blur²) is always on the points.
@@ -191,30 +226,13 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings) -> DivergenceO
   n_mid_coarse = jnp.clip(jnp.floor(ratio) + 1, 0, n_mid).astype(jnp.int32)
   n_coarse = jnp.minimum(1 + n_mid_coarse, n_sched - 1)
 
-  # The sides as index arrays: side s updates potential s on cloud ROW[s] from potential
-  # COL_POT[s] on cloud COL[s]; vmapped over sides, each dense softmin compiles once.
-  row_ix = jnp.asarray(_ROW_CLOUD[:n_sides])
-  col_ix = jnp.asarray(_COL_CLOUD[:n_sides])
-  cents, cent_lw = jnp.stack([cx, cy]), jnp.stack([lcx, lcy])
-
-  def dense_sides(rows, cols, cols_lw, g, eps):
-    return jax.vmap(lambda r, c, lw, gg: _dense_true(r, c, lw, gg, eps, chunk))(
-      rows, cols, cols_lw, g
-    )
-
-  def coarse_update(pots, eps):  # [4, K^d] -> [n_sides, K^d]
-    return dense_sides(cents[row_ix], cents[col_ix], cent_lw[col_ix], pots[col_pot], eps)
-
   def coarse_body(carry):
     k, pots = carry
     new = coarse_update(pots, eps_k(k))
     return k + 1, pots.at[:n_sides].set(0.5 * (pots[:n_sides] + new))
 
-  coarse0 = (
-    jnp.zeros((4, cx.shape[0]), dtype)
-    .at[:n_sides]
-    .set(coarse_update(jnp.zeros((4, cx.shape[0]), dtype), diam**2))
-  )
+  zeros_c = jnp.zeros((4,) + cells[0].valid.shape, dtype)
+  coarse0 = zeros_c.at[:n_sides].set(coarse_update(zeros_c, diam**2))
   k, coarse = jax.lax.while_loop(lambda c: c[0] < n_coarse, coarse_body, (jnp.int32(0), coarse0))
 
   # ---- jump: potentials on the points. The annealed potentials lag (each is the average of
@@ -222,16 +240,25 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings) -> DivergenceO
   # jump to another trajectory. Instead each point takes its cell's coarse value plus the
   # within-cell variation of the fresh softmin: f(x_i) = F(c_i) + S(G)(x_i) − S(G)(c_i).
   eps_jump = jnp.where(k > 0, eps_k(jnp.maximum(k - 1, 0)), diam**2)
+  fresh_c = coarse_update(coarse, eps_jump)
+  # Per side, in the grid's cell order: the coarse potential and the fresh softmin at the cells.
+  own_cells, fresh_cells = (
+    jnp.stack([multiscale.from_blocks(cells[_ROW_CLOUD[i]], v[i]) for i in range(n_sides)])
+    for v in (coarse, fresh_c)
+  )
   pts = jnp.stack([_flat(bx)[0], _flat(by)[0]])  # [2, nb·B, d]
-  cells = jax.vmap(lambda p: clusters.cell_index(grid, p))(pts)
-  g_cols = coarse[col_pot]
-  fresh_p = dense_sides(pts[row_ix], cents[col_ix], cent_lw[col_ix], g_cols, eps_jump)
-  fresh_c = dense_sides(cents[row_ix], cents[col_ix], cent_lw[col_ix], g_cols, eps_jump)
-  own = coarse[:n_sides]
-  cell = cells[row_ix]
-  at_cell = lambda v: jnp.take_along_axis(v, cell, axis=1)
-  jumped = (at_cell(own) + fresh_p - at_cell(fresh_c)).reshape(n_sides, nb, -1)
-  pots = jnp.zeros((4,) + jumped.shape[1:], dtype).at[:n_sides].set(jumped)  # [4, nb, B]
+  cell_of = jax.vmap(lambda p: clusters.cell_index(grid, p))(pts)[jnp.asarray(_ROW_CLOUD[:n_sides])]
+
+  def jump_side(_, side):
+    own = own_cells[side][cell_of[side]].reshape(nb, -1)
+    at_c = fresh_cells[side][cell_of[side]].reshape(nb, -1)
+    fresh_p, _ = side_softmin(
+      side, rows_all, c_cols, coarse, eps_jump, nb * nbc, zero_stats, est=at_c
+    )
+    return None, own + fresh_p - at_c
+
+  jumped = jax.lax.scan(jump_side, None, jnp.arange(n_sides))[1]  # [n_sides, nb, B]
+  pots = jnp.zeros((4,) + jumped.shape[1:], dtype).at[:n_sides].set(jumped)
 
   # ---- fine phase. One loop covers the rest of the schedule (simultaneous averaged updates
   # of the sides, as the dense backend) and the converged-mode tail (cross pair alternating,
