@@ -14,8 +14,10 @@ the divergence and its gradient in ``x``:
 * ``ott_dense``: ott-jax ``sinkhorn_divergence`` (dense ``PointCloud``, ``ε_ott = 2 blur²``, its
   cost and value are twice ours, halved here), ``threshold = --tol``;
 * ``ott_online``: the same with ``PointCloud(batch_size=...)``;
-* ``geomloss_tensorized`` / ``geomloss_online``: ``SamplesLoss("sinkhorn", p=2, blur, scaling)``
-  in torch float32 on the CPU, ``backend="tensorized"`` / ``"online"`` (KeOps).
+* ``geomloss_tensorized`` / ``geomloss_online`` / ``geomloss_multiscale``: ``SamplesLoss(
+  "sinkhorn", p=2, blur, scaling)`` in torch float32 on the CPU, ``backend="tensorized"`` /
+  ``"online"`` / ``"multiscale"`` (the last two through KeOps; multiscale with GeomLoss's
+  default cluster scale and truncation, d ≤ 3).
 
 Errors are relative to a float64 reference: the three OT terms solved separately by our
 alternating fixed-ε :func:`gsae_jax.ot.sinkhorn` to marginal violation ``--ref_tol``
@@ -56,6 +58,7 @@ METHODS = (
   "ott_online",
   "geomloss_tensorized",
   "geomloss_online",
+  "geomloss_multiscale",
 )
 DENSE = {"ott_dense", "geomloss_tensorized"}
 # Run only for n <= --tol_max_n: converged solves and the slow, accurate annealing schedules.
@@ -264,7 +267,7 @@ def _available(method: str) -> str | None:
   import importlib.util
 
   need = {"ott": ("ott",), "geomloss": ("torch", "geomloss"), "ours": ()}[method.split("_")[0]]
-  if method == "geomloss_online":
+  if method in ("geomloss_online", "geomloss_multiscale"):
     need += ("pykeops",)
   missing = [m for m in need if importlib.util.find_spec(m) is None]
   return f"skipped: {', '.join(missing)} not installed" if missing else None
@@ -301,7 +304,7 @@ def run(args) -> dict:
           why = f"skipped: 3 dense {n}×{n} float32 arrays exceed {args.dense_limit_gb:g} GB"
         if why is None and method == "ours" and args.ours_max_n and n > args.ours_max_n:
           why = f"skipped: dense above --ours_max_n {args.ours_max_n}"
-        if why is None and method == "ours_multiscale" and d > 3:
+        if why is None and method.endswith("multiscale") and d > 3:
           why = "skipped: the multiscale backend is for d <= 3"
         if why is None and method in ACCURATE and n > args.tol_max_n:
           why = f"skipped: too slow here for n > --tol_max_n {args.tol_max_n}"
