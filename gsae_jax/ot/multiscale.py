@@ -379,7 +379,11 @@ def tile_log_bounds(
     ``[nbx, nby]`` bounds; ``−inf`` for a massless column block, possibly ``NaN`` where the
     potentials are not finite (:func:`keep_tiles` keeps such tiles).
   """
-  t = _bound_terms(bx, by, f_blocks, g_blocks, eps)
+  return _full_bounds(_bound_terms(bx, by, f_blocks, g_blocks, eps))
+
+
+def _full_bounds(t: _BoundTerms) -> jax.Array:
+  """The ``[nbx, nby]`` bound of :func:`tile_log_bounds` from its precomputed terms."""
   nbx, bxs, d = t.x.shape
   nby, bys, _ = t.y.shape
 
@@ -541,10 +545,7 @@ def select_tiles(
   nbx, nby = t.box.shape
   box_capacity = min(nbx * nby, 2 * capacity) if box_capacity is None else box_capacity
   box_capacity = validation.check_count("box_capacity", box_capacity)
-  massive = jnp.any(by.valid & (by.log_weights > -jnp.inf), axis=1)
-  best_box = jax.nn.one_hot(jnp.argmax(t.box, axis=1), nby, dtype=jnp.bool_)
-  best_box = best_box & jnp.any(bx.valid, axis=1)[:, None]
-  candidates = tile_list((~(t.box <= -truncate) & massive[None, :]) | best_box, box_capacity)
+  candidates = tile_list(_keep_mask(t.box, bx, by, truncate), box_capacity)
 
   def refine(_):
     bound = _listed_bounds(t, candidates.rows, candidates.cols, candidates.count)
@@ -563,7 +564,7 @@ def select_tiles(
     )
 
   def full(_):
-    return tile_list(keep_tiles(bx, by, f_blocks, g_blocks, eps, truncate), capacity)
+    return tile_list(_keep_mask(_full_bounds(t), bx, by, truncate), capacity)
 
   return jax.lax.cond(overflowed(candidates), full, refine, None)
 
@@ -615,9 +616,14 @@ def keep_tiles(
   Returns:
     ``[nbx, nby]`` bool mask of kept tiles; every row has at least one ``True``.
   """
-  bound = tile_log_bounds(bx, by, f_blocks, g_blocks, eps)
+  return _keep_mask(tile_log_bounds(bx, by, f_blocks, g_blocks, eps), bx, by, truncate)
+
+
+def _keep_mask(bound, bx: Blocks, by: Blocks, truncate) -> jax.Array:
+  """Tiles with a bound above ``−T`` (NaN kept) and a massive column block, plus the best
+  tile of each row block that holds a valid row."""
   massive = jnp.any(by.valid & (by.log_weights > -jnp.inf), axis=1)
-  keep = ~(bound <= -truncate) & massive[None, :]  # NaN bound: kept
+  keep = ~(bound <= -truncate) & massive[None, :]
   best = jax.nn.one_hot(jnp.argmax(bound, axis=1), bound.shape[1], dtype=jnp.bool_)
   return keep | (best & jnp.any(bx.valid, axis=1)[:, None])
 

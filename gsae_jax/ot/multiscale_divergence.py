@@ -58,7 +58,7 @@ def grid_per_axis(d: int) -> int:
   return max(2, round(_GRID_CELLS[d] ** (1.0 / d)))
 
 
-def tile_capacity(n_row_blocks: int, n_col_blocks: int, fraction: float) -> int:
+def _capacity_from_fraction(n_row_blocks: int, n_col_blocks: int, fraction: float) -> int:
   """Static length of a tile list: ``⌈fraction · nbx · nby⌉`` (at least one tile per row)."""
   tiles = n_row_blocks * n_col_blocks
   return max(n_row_blocks, min(tiles, math.ceil(fraction * tiles)))
@@ -187,7 +187,7 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings) -> DivergenceO
   cols_all = _stack(*(clouds[i] for i in _COL_CLOUD[:n_sides]))
   col_pot = jnp.asarray(_COL_POT[:n_sides], jnp.int32)
   row_lw = rows_all.log_weights
-  capacity = tile_capacity(nb, nb, s.tile_fraction)
+  capacity = _capacity_from_fraction(nb, nb, s.tile_fraction)
 
   def side_softmin(side, row_clouds, col_clouds, pots, eps, cap, stats, rows=None, est=None):
     # Side `side`'s softmin: its potential's update from its column potential, with the rows'
