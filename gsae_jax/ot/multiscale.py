@@ -44,8 +44,8 @@ import numpy as np
 from gsae_jax.ot import validation
 
 # Tiles per chunk are sized so that one chunk holds about this many logits (4 MiB in float32,
-# the L3-resident block size of the dense kernel, gsae_jax.ot.softmin). Measured at n = 60 000,
-# B = 128 (2-core CPU): 16 / 32 / 64 / 128 tiles per chunk took 0.140 / 0.112 / 0.107 / 0.105 s.
+# the L3-resident block size of the dense kernel, gsae_jax.ot.softmin; chunk sizes measured in
+# BUILD_NOTES.md, "Multiscale backend").
 _CHUNK_ENTRIES = 1 << 20
 # MULTISCALE.md §1 (measured, flower vs flower, converged potentials): T = 10 keeps 1.4 % of
 # pairs and moves an f-update by ≤ 2e-10, below float32 resolution of the potentials.
@@ -365,8 +365,8 @@ def tile_log_bounds(
   converged potentials, n ≈ 2 000, B = 32, ε = 0.05² (kept fraction of pairs): flower vs
   0.5·Gaussian, box 86 %, bound 2 or 3 alone 23–24 %, the minimum 18 %, an exact per-tile test
   13 %; flower vs flower, box 15 %, minimum 11.5 %, exact 8.6 %. Bounds 2 and 3 evaluate
-  ``nbx·m + n·nby`` point-block pairs (``2/B`` of a dense pass) in a chunked ``lax.map``: at
-  n = m = 60 000, B = 128, float32, 0.07 s on the 2-core CPU, less than one truncated softmin.
+  ``nbx·m + n·nby`` point-block pairs (``2/B`` of a dense pass) in a chunked ``lax.map``;
+  :func:`select_tiles` evaluates them on the box bound's candidate tiles only.
 
   Args:
     bx: row :class:`Blocks` (``nbx`` blocks).
@@ -843,7 +843,7 @@ def _tiled_softmin_bwd(chunk, column_grad, res, ct):
     rc, xs, ys, hh = _gather_tile(x_c, y, h, centers, r, c, inv_eps)
     p = jnp.exp(_tile_logits(xs, ys * inv_eps, hh) - offset[rc][..., None])  # [K, Bx, By]
     # Broadcast-multiply-reduce, not einsum: XLA's CPU batched matmul with 3–4 output columns
-    # ran at 0.18 G entries/s against 1.1 for this fused form (BUILD_NOTES.md, "Multiscale").
+    # was ≈ 6× slower than this fused form (BUILD_NOTES.md, "Multiscale backend").
     feats = jnp.concatenate([jnp.ones_like(ys[..., :1]), ys], -1)  # [K, By, d + 1]
     py = jnp.sum(p[..., None] * feats[:, None, :, :], axis=-2)
     p0, p_y = py[..., 0], py[..., 1:]
