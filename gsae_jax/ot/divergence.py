@@ -238,6 +238,30 @@ def _anneal_scan(p: _Clouds, sch: _Schedule, tol, max_iter, sm: Softmin, static_
   return st, k, jnp.max(viols)
 
 
+def _warm_while(st: _State, eps, tol, n_updates, p: _Clouds, sm: Softmin, static_b):
+  """Warm mode: the converged-mode updates of :func:`_tol_step` at the final ε from given
+  potentials, ``n_updates`` of them (``tol=None``), or until within ``tol`` (at most
+  ``n_updates``). Returns ``(state, updates run, last largest marginal violation)``."""
+  inf = jnp.asarray(jnp.inf, p.x.dtype)
+  run_tol = -inf if tol is None else tol  # annealed mode: every update runs all sides
+
+  def body(carry):
+    k, st, viols = carry
+    st, viols = _tol_step(st, viols, eps, run_tol, p, sm, static_b)
+    return k + 1, st, viols
+
+  cond = lambda c: (c[0] < n_updates) & (jnp.max(c[2]) > run_tol)
+  k, st, viols = jax.lax.while_loop(cond, body, (jnp.int32(0), st, jnp.full((3,), inf)))
+  return st, k, jnp.max(viols)
+
+
+def init_ok(init) -> jax.Array:
+  """In-graph check of warm-start potentials (all finite); ``True`` without ``init``."""
+  if init is None:
+    return jnp.asarray(True)
+  return validation.in_graph_ok(*(jnp.isfinite(t) for t in init if t is not None))
+
+
 # ----------------------------------------------------------------------------- dense backend
 
 
@@ -282,16 +306,28 @@ def check_and_schedule(x, y, problem: OTProblem, s: DivergenceSettings) -> Check
   return Checked(ok, blur, scaling, tol_, truncate, _Schedule(diam, n_mid, blur, scaling))
 
 
-def _dense_backend(problem: OTProblem, s: DivergenceSettings) -> DivergenceOutput:
+def _dense_backend(problem: OTProblem, s: DivergenceSettings, init=None) -> DivergenceOutput:
   """The exact chunked path: every softmin over all ``n × m`` pairs, in O(n) memory."""
   dtype = problem.x.dtype
   c = problem.centered()
   p = _Clouds(c.x, c.y, problem.log_a, problem.log_b)
   chk = check_and_schedule(p.x, p.y, problem, s)
-  ok, blur, tol, sch = chk.ok, chk.blur, chk.tol, chk.schedule
+  ok, blur, tol, sch = chk.ok & init_ok(init), chk.blur, chk.tol, chk.schedule
 
   sm = lambda x, y, h, eps: softmin_kernel(x, y, h, eps, s.chunk_size)
-  if s.grad == "envelope":
+  if init is not None:  # warm start: no annealing (envelope gradients only)
+    pd, eps = p.detached(), blur**2
+    hx2 = 0.5 * jnp.sum(pd.x * pd.x, axis=1)
+    hy2 = 0.5 * jnp.sum(pd.y * pd.y, axis=1)
+    f_ba, g_ab, f_aa, g_bb = (None if t is None else sg(t) for t in init)
+    f_ba, f_aa = f_ba - hx2, f_aa - hx2
+    # A target sample with no potential yet gets the softmin of f_ba (its c-transform).
+    g_ab = sm(pd.y, pd.x, pd.la + f_ba / eps, eps) if g_ab is None else g_ab - hy2
+    g_bb = jnp.zeros_like(hy2) if g_bb is None else g_bb - hy2
+    n_updates = s.warm_iters if tol is None else s.max_iter
+    st0 = _State(f_ba, g_ab, f_aa, g_bb)
+    st, iters, viol = _warm_while(st0, eps, tol, n_updates, pd, sm, s.static_b)
+  elif s.grad == "envelope":
     st, iters, viol = _anneal_while(p.detached(), sch, tol, s.max_iter, sm, s.static_b)
   else:
     st, iters, viol = _anneal_scan(p, sch, tol, s.max_iter, sm, s.static_b, s.unroll_steps)
@@ -332,8 +368,9 @@ def _dense_backend(problem: OTProblem, s: DivergenceSettings) -> DivergenceOutpu
   )
 
 
-def _backend(name: str) -> Callable[[OTProblem, DivergenceSettings], DivergenceOutput]:
-  """The implementation of a backend of :data:`BACKENDS`: ``(problem, settings) -> output``."""
+def _backend(name: str) -> Callable[..., DivergenceOutput]:
+  """The implementation of a backend of :data:`BACKENDS`: ``(problem, settings, init) ->
+  output``."""
   if name == "dense":
     return _dense_backend
   if name == "multiscale":
@@ -344,10 +381,11 @@ def _backend(name: str) -> Callable[[OTProblem, DivergenceSettings], DivergenceO
 
 
 @jax.jit
-def _solve(problem: OTProblem, settings: DivergenceSettings) -> DivergenceOutput:
+def _solve(problem: OTProblem, settings: DivergenceSettings, init=None) -> DivergenceOutput:
   # Settings' static fields are pytree metadata: part of the compilation key; blur, scaling,
-  # tol, diameter and truncate are traced, so sweeping them does not recompile.
-  return _backend(settings.backend)(problem, settings)
+  # tol, diameter and truncate are traced, so sweeping them does not recompile. Which of the
+  # `init` potentials are None is part of the key too.
+  return _backend(settings.backend)(problem, settings, init)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -424,6 +462,7 @@ def make_problem_and_settings(
   truncate=10.0,
   block_size=128,
   tile_fraction=0.25,
+  warm_iters=5,
 ) -> tuple[OTProblem, DivergenceSettings]:
   """Checks every argument of :func:`solve_divergence` and packs them; raises ``ValueError``
   or ``TypeError`` naming the first bad one. See :func:`solve_divergence` for the arguments."""
@@ -453,6 +492,7 @@ def make_problem_and_settings(
   validation.check_scalar("truncate", truncate, low=0.0)
   block_size = validation.check_count("block_size", block_size)
   validation.check_scalar("tile_fraction", tile_fraction, low=0.0, high=1.0, open_high=False)
+  warm_iters = validation.check_count("warm_iters", warm_iters)
   unroll_steps = _unroll_steps(x, y, blur, scaling, diameter) if grad == "unroll" else None
   settings = DivergenceSettings(
     blur=blur,
@@ -468,8 +508,50 @@ def make_problem_and_settings(
     truncate=truncate,
     block_size=block_size,
     tile_fraction=float(tile_fraction),
+    warm_iters=warm_iters,
   )
   return OTProblem(x, y, a, b), settings
+
+
+_INIT_NAMES = ("f_ba", "g_ab", "f_aa", "g_bb")
+
+
+def check_init(init, problem: OTProblem, settings: DivergenceSettings):
+  """Checks warm-start potentials for :func:`solve_divergence`; returns them as a 4-tuple of
+  arrays in the problem's dtype (``g_ab``/``g_bb`` possibly ``None``), or ``None``."""
+  if init is None:
+    return None
+  if isinstance(init, DivergenceOutput):
+    init = (init.f_ba, init.g_ab, init.f_aa, init.g_bb)
+  if not isinstance(init, tuple | list) or len(init) != 4:
+    raise ValueError(
+      "`init` must be a DivergenceOutput or a tuple (f_ba [n], g_ab [m] or None, f_aa [n], "
+      f"g_bb [m] or None), got {type(init).__name__}."
+    )
+  if settings.grad != "envelope":
+    raise ValueError("`init` (warm start) needs grad='envelope': it skips the annealing.")
+  n, m = problem.x.shape[0], problem.y.shape[0]
+  out = []
+  for name, t, size in zip(_INIT_NAMES, init, (n, m, n, m), strict=True):
+    if t is None:
+      if name in ("f_ba", "f_aa"):
+        raise ValueError(f"`init` needs {name} [{n}] (only the target's potentials may be None).")
+      if name == "g_bb" and not settings.static_b:
+        raise ValueError(
+          "`init` needs g_bb [m] unless static_b=True (the target's self-potential cannot be "
+          "extended from the source side)."
+        )
+      out.append(None)
+      continue
+    t = validation.as_array(f"init.{name}", t).astype(problem.x.dtype)
+    if t.shape != (size,):
+      raise ValueError(f"`init.{name}` must have shape ({size},), got {t.shape}.")
+    if validation.is_concrete(t) and not np.all(np.isfinite(validation.host(t))):
+      raise ValueError(f"`init.{name}` contains NaN or inf.")
+    out.append(t)
+  if settings.static_b:
+    out[3] = None  # unused
+  return tuple(out)
 
 
 def solve_divergence(
@@ -490,6 +572,8 @@ def solve_divergence(
   truncate: float | jax.Array = 10.0,
   block_size: int = 128,
   tile_fraction: float = 0.25,
+  init: DivergenceOutput | tuple | None = None,
+  warm_iters: int = 5,
 ) -> DivergenceOutput:
   """Debiased Sinkhorn divergence with its potentials and convergence report.
 
@@ -557,6 +641,18 @@ def solve_divergence(
     block_size: ``multiscale`` points per block (static; default 128).
     tile_fraction: ``multiscale`` tile-list capacity as a fraction of all tiles (static); a
       softmin that overflows it runs densely and is counted in ``dense_fallbacks``.
+    init: warm start (envelope gradients): the result of a previous call on nearby clouds
+      (the same points moved a little), or ``(f_ba [n], g_ab [m], f_aa [n], g_bb [m])`` true
+      potentials. ``g_ab`` may be ``None`` for a freshly drawn target sample: it starts as
+      the softmin of ``f_ba`` (block-sparse under ``multiscale``, tiles chosen from an upper
+      bound, :func:`gsae_jax.ot.multiscale.softmin_upper_bound`); ``g_bb`` may be ``None``
+      with ``static_b``. The annealing (and the coarse phase) is skipped: the loop runs the
+      converged-mode updates at ``ε = blur²`` (cross pair alternating, self-terms averaged),
+      ``warm_iters`` of them with ``tol=None``, or until within ``tol`` (at most
+      ``max_iter``). Repeated over training steps, the potentials keep converging, so this
+      approaches the converged divergence, not the annealed one (BUILD_NOTES.md, "Warm
+      starts across steps"). Which entries are ``None`` is static.
+    warm_iters: updates run from ``init`` when ``tol`` is ``None`` (static; default 5).
 
   Returns:
     A :class:`~gsae_jax.ot.problem.DivergenceOutput`; its ``value`` is differentiable in
@@ -579,8 +675,9 @@ def solve_divergence(
     truncate=truncate,
     block_size=block_size,
     tile_fraction=tile_fraction,
+    warm_iters=warm_iters,
   )
-  return _solve(problem, settings)
+  return _solve(problem, settings, check_init(init, problem, settings))
 
 
 def sinkhorn_divergence(
@@ -601,6 +698,8 @@ def sinkhorn_divergence(
   truncate: float | jax.Array = 10.0,
   block_size: int = 128,
   tile_fraction: float = 0.25,
+  init: DivergenceOutput | tuple | None = None,
+  warm_iters: int = 5,
 ) -> jax.Array:
   """Debiased Sinkhorn divergence ``S_ε(α, β)`` as a differentiable scalar.
 
@@ -613,7 +712,7 @@ def sinkhorn_divergence(
   Args:
     x: ``[n, d]``; y: ``[m, d]``; a: ``[n]``; b: ``[m]`` (uniform by default).
     blur, scaling, tol, max_iter, grad, chunk_size, diameter, static_b, backend, truncate,
-      block_size, tile_fraction: as in :func:`solve_divergence`.
+      block_size, tile_fraction, init, warm_iters: as in :func:`solve_divergence`.
 
   Returns:
     Scalar ``S_ε`` (or ``S_ε + ½ OT_ε(β, β)`` with ``static_b``), differentiable in
@@ -636,4 +735,6 @@ def sinkhorn_divergence(
     truncate=truncate,
     block_size=block_size,
     tile_fraction=tile_fraction,
+    init=init,
+    warm_iters=warm_iters,
   ).value

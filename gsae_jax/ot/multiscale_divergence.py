@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from gsae_jax.ot import clusters, multiscale
-from gsae_jax.ot.divergence import check_and_schedule, mass_violation
+from gsae_jax.ot.divergence import check_and_schedule, init_ok, mass_violation
 from gsae_jax.ot.problem import DivergenceOutput, DivergenceSettings, OTProblem
 from gsae_jax.ot.softmin import softmin_kernel
 
@@ -161,8 +161,9 @@ def _fine_softmin(rows, cols, f_rows, g_cols, eps, truncate, capacity, chunk, st
   return out, stats
 
 
-def multiscale_backend(problem: OTProblem, s: DivergenceSettings) -> DivergenceOutput:
-  """``(problem, settings) -> DivergenceOutput`` for ``backend="multiscale"`` (envelope only)."""
+def multiscale_backend(problem: OTProblem, s: DivergenceSettings, init=None) -> DivergenceOutput:
+  """``(problem, settings, init) -> DivergenceOutput`` for ``backend="multiscale"`` (envelope
+  only); ``init``: warm-start potentials from :func:`gsae_jax.ot.divergence.check_init`."""
   dtype = problem.x.dtype
   c = problem.centered()
   x, y = c.x, c.y
@@ -170,6 +171,7 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings) -> DivergenceO
   d = x.shape[1]
   chk = check_and_schedule(x, y, problem, s)
   ok, blur, scaling, tol, truncate = chk.ok, chk.blur, chk.scaling, chk.tol, chk.truncate
+  ok = ok & init_ok(init)
   diam, n_mid = chk.schedule.diam, chk.schedule.n_mid
   n_sched = chk.schedule.n_sched
   eps_k = chk.schedule.epsilon
@@ -201,72 +203,103 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings) -> DivergenceO
   def fresh(side, pots, eps, stats, rows=None):
     return side_softmin(side, rows_all, cols_all, pots, eps, capacity, stats, rows=rows)
 
-  # ---- coarse phase: the annealing on the grid's cell centroids (true potentials), through
-  # the same block-sparse softmin: non-empty cells first in Hilbert order, empty cells invalid
-  # (never computed, never a column), so only the ≈ 25 % of occupied cells cost anything.
-  grid = clusters.make_grid(xs, ys, grid_per_axis(d))
-  cells = tuple(
-    _cell_blocks(grid, *clusters.cluster(grid, p, lw)) for p, lw in ((xs, las), (ys, lbs))
-  )
-  c_rows = _stack(*(cells[i] for i in _ROW_CLOUD[:n_sides]))
-  c_cols = _stack(*(cells[i] for i in _COL_CLOUD[:n_sides]))
-  nbc = cells[0].valid.shape[0]
-  zero_stats = _Stats(jnp.int32(0), jnp.asarray(0, dtype), jnp.asarray(0, dtype))
-
-  def coarse_update(pots, eps):  # [4, nbc, Bc] -> [n_sides, nbc, Bc]
-    def step(_, side):
-      return None, side_softmin(side, c_rows, c_cols, pots, eps, nbc * nbc, zero_stats)[0]
-
-    return jax.lax.scan(step, None, jnp.arange(n_sides))[1]
-
-  # Coarse while √ε ≥ the cell side (times _JUMP_CELLS; GeomLoss jumps once blur < its
-  # cluster scale): the init at D², then the intermediate σ_k = D·scaling^(k−1) ≥ that; the
-  # last update (ε = blur²) is always on the points.
-  ratio = (jnp.log(_JUMP_CELLS[d] * grid.cell) - jnp.log(diam)) / jnp.log(scaling)
-  n_mid_coarse = jnp.clip(jnp.floor(ratio) + 1, 0, n_mid).astype(jnp.int32)
-  n_coarse = jnp.minimum(1 + n_mid_coarse, n_sched - 1)
-
-  def coarse_body(carry):
-    k, pots = carry
-    new = coarse_update(pots, eps_k(k))
-    return k + 1, pots.at[:n_sides].set(0.5 * (pots[:n_sides] + new))
-
-  zeros_c = jnp.zeros((4,) + cells[0].valid.shape, dtype)
-  coarse0 = zeros_c.at[:n_sides].set(coarse_update(zeros_c, diam**2))
-  k, coarse = jax.lax.while_loop(lambda c: c[0] < n_coarse, coarse_body, (jnp.int32(0), coarse0))
-
-  # ---- jump: potentials on the points. The annealed potentials lag (each is the average of
-  # the previous one and a fresh softmin), so a bare softmin of the coarse potentials would
-  # jump to another trajectory. Instead each point takes its cell's coarse value plus the
-  # within-cell variation of the fresh softmin: f(x_i) = F(c_i) + S(G)(x_i) − S(G)(c_i).
-  eps_jump = jnp.where(k > 0, eps_k(jnp.maximum(k - 1, 0)), diam**2)
-  fresh_c = coarse_update(coarse, eps_jump)
-  # Per side, in the grid's cell order: the coarse potential and the fresh softmin at the cells.
-  own_cells, fresh_cells = (
-    jnp.stack([multiscale.from_blocks(cells[_ROW_CLOUD[i]], v[i]) for i in range(n_sides)])
-    for v in (coarse, fresh_c)
-  )
-  pts = jnp.stack([_flat(bx)[0], _flat(by)[0]])  # [2, nb·B, d]
-  cell_of = jax.vmap(lambda p: clusters.cell_index(grid, p))(pts)[jnp.asarray(_ROW_CLOUD[:n_sides])]
-
-  def jump_side(_, side):
-    own = own_cells[side][cell_of[side]].reshape(nb, -1)
-    at_c = fresh_cells[side][cell_of[side]].reshape(nb, -1)
-    fresh_p, _ = side_softmin(
-      side, rows_all, c_cols, coarse, eps_jump, nb * nbc, zero_stats, est=at_c
+  def cold_start():
+    """The coarse phase and the jump: ``(updates run, potentials [4, nb, B])``."""
+    # ---- coarse phase: the annealing on the grid's cell centroids (true potentials), through
+    # the same block-sparse softmin: non-empty cells first in Hilbert order, empty cells invalid
+    # (never computed, never a column), so only the ≈ 25 % of occupied cells cost anything.
+    grid = clusters.make_grid(xs, ys, grid_per_axis(d))
+    cells = tuple(
+      _cell_blocks(grid, *clusters.cluster(grid, p, lw)) for p, lw in ((xs, las), (ys, lbs))
     )
-    return None, own + fresh_p - at_c
+    c_rows = _stack(*(cells[i] for i in _ROW_CLOUD[:n_sides]))
+    c_cols = _stack(*(cells[i] for i in _COL_CLOUD[:n_sides]))
+    nbc = cells[0].valid.shape[0]
 
-  jumped = jax.lax.scan(jump_side, None, jnp.arange(n_sides))[1]  # [n_sides, nb, B]
-  pots = jnp.zeros((4,) + jumped.shape[1:], dtype).at[:n_sides].set(jumped)
+    def coarse_update(pots, eps):  # [4, nbc, Bc] -> [n_sides, nbc, Bc]
+      def step(_, side):
+        return None, side_softmin(side, c_rows, c_cols, pots, eps, nbc * nbc, zero_stats)[0]
+
+      return jax.lax.scan(step, None, jnp.arange(n_sides))[1]
+
+    # Coarse while √ε ≥ the cell side (times _JUMP_CELLS; GeomLoss jumps once blur < its
+    # cluster scale): the init at D², then the intermediate σ_k = D·scaling^(k−1) ≥ that; the
+    # last update (ε = blur²) is always on the points.
+    ratio = (jnp.log(_JUMP_CELLS[d] * grid.cell) - jnp.log(diam)) / jnp.log(scaling)
+    n_mid_coarse = jnp.clip(jnp.floor(ratio) + 1, 0, n_mid).astype(jnp.int32)
+    n_coarse = jnp.minimum(1 + n_mid_coarse, n_sched - 1)
+
+    def coarse_body(carry):
+      k, pots = carry
+      new = coarse_update(pots, eps_k(k))
+      return k + 1, pots.at[:n_sides].set(0.5 * (pots[:n_sides] + new))
+
+    zeros_c = jnp.zeros((4,) + cells[0].valid.shape, dtype)
+    coarse0 = zeros_c.at[:n_sides].set(coarse_update(zeros_c, diam**2))
+    k, coarse = jax.lax.while_loop(lambda c: c[0] < n_coarse, coarse_body, (jnp.int32(0), coarse0))
+
+    # ---- jump: potentials on the points. The annealed potentials lag (each is the average of
+    # the previous one and a fresh softmin), so a bare softmin of the coarse potentials would
+    # jump to another trajectory. Instead each point takes its cell's coarse value plus the
+    # within-cell variation of the fresh softmin: f(x_i) = F(c_i) + S(G)(x_i) − S(G)(c_i).
+    eps_jump = jnp.where(k > 0, eps_k(jnp.maximum(k - 1, 0)), diam**2)
+    fresh_c = coarse_update(coarse, eps_jump)
+    # Per side, in the grid's cell order: the coarse potential and the fresh softmin at the cells.
+    own_cells, fresh_cells = (
+      jnp.stack([multiscale.from_blocks(cells[_ROW_CLOUD[i]], v[i]) for i in range(n_sides)])
+      for v in (coarse, fresh_c)
+    )
+    pts = jnp.stack([_flat(bx)[0], _flat(by)[0]])  # [2, nb·B, d]
+    cell_of = jax.vmap(lambda p: clusters.cell_index(grid, p))(pts)
+    cell_of = cell_of[jnp.asarray(_ROW_CLOUD[:n_sides])]
+
+    def jump_side(_, side):
+      own = own_cells[side][cell_of[side]].reshape(nb, -1)
+      at_c = fresh_cells[side][cell_of[side]].reshape(nb, -1)
+      fresh_p, _ = side_softmin(
+        side, rows_all, c_cols, coarse, eps_jump, nb * nbc, zero_stats, est=at_c
+      )
+      return None, own + fresh_p - at_c
+
+    jumped = jax.lax.scan(jump_side, None, jnp.arange(n_sides))[1]  # [n_sides, nb, B]
+    return k, jnp.zeros((4,) + jumped.shape[1:], dtype).at[:n_sides].set(jumped), zero_stats
+
+  def warm_start():
+    """``init`` in block layout; a target sample with no potential gets the softmin of
+    ``f_ba``, its tiles chosen from an upper bound of that softmin (rigorous)."""
+    eps = blur**2
+    blk = lambda t, cloud: multiscale.to_blocks(clouds[cloud], sg(t))
+    zeros_y = jnp.zeros(by.valid.shape, dtype)
+    f_ba, g_ab, f_aa, g_bb = init
+    pots = jnp.stack(
+      [
+        blk(f_ba, 0),
+        zeros_y if g_ab is None else blk(g_ab, 1),
+        blk(f_aa, 0),
+        zeros_y if g_bb is None else blk(g_bb, 1),
+      ]
+    )
+    stats = zero_stats
+    if g_ab is None:  # side 1: rows y, columns x with f_ba
+      est = multiscale.softmin_upper_bound(by, bx, pots[0], eps)
+      g_new, stats = side_softmin(1, rows_all, cols_all, pots, eps, capacity, stats, est=est)
+      pots = pots.at[1].set(g_new)
+    return n_sched, pots, stats
+
+  zero_stats = _Stats(jnp.int32(0), jnp.asarray(0, dtype), jnp.asarray(0, dtype))
+  k, pots, stats0 = cold_start() if init is None else warm_start()
 
   # ---- fine phase. One loop covers the rest of the schedule (simultaneous averaged updates
   # of the sides, as the dense backend) and the converged-mode tail (cross pair alternating,
   # self-terms averaged until each is within tol); its body runs the sides through one scan,
   # so the block-sparse softmin is compiled once.
   inf = jnp.asarray(jnp.inf, dtype)
-  tol_ = inf if tol is None else tol
-  n_total = n_sched + (s.max_iter if tol is not None else 0)
+  if init is None:
+    tol_ = inf if tol is None else tol
+    n_total = n_sched + (s.max_iter if tol is not None else 0)
+  else:  # warm: the tail only, warm_iters updates of every side (annealed) or until tol
+    tol_ = -inf if tol is None else tol
+    n_total = n_sched + (s.warm_iters if tol is None else s.max_iter)
   replace = jnp.asarray([True, True, False, False][:n_sides])
 
   def fine_body(carry):
@@ -295,8 +328,6 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings) -> DivergenceO
     k, _, _, viols = carry
     return (k < n_sched) | ((k < n_total) & (jnp.max(viols) > tol_))
 
-  zero = jnp.asarray(0, dtype)
-  stats0 = _Stats(jnp.int32(0), zero, zero)
   viols0 = jnp.full((n_sides,), inf)
   k, pots, stats, viols = jax.lax.while_loop(fine_cond, fine_body, (k, pots, stats0, viols0))
   converged = jnp.asarray(False) if tol is None else ok & (jnp.max(viols) <= tol)
@@ -332,7 +363,7 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings) -> DivergenceO
     g_ab=back_y(e_ab),
     f_aa=back_x(e_aa),
     g_bb=None if s.static_b else back_y(e_bb),
-    iterations=k,
+    iterations=k if init is None else k - n_sched,
     marginal_violation=nan(viol_final),
     converged=converged,
     dense_fallbacks=stats.fallbacks,

@@ -68,6 +68,7 @@ resolves to one of these before tracing; ``"dense"`` is the chunked exact path."
     "unroll_steps",
     "block_size",
     "tile_fraction",
+    "warm_iters",
   ),
 )
 class DivergenceSettings:
@@ -93,6 +94,8 @@ class DivergenceSettings:
     block_size: ``multiscale`` only: points per block (tiles are ``block_size²`` pairs).
     tile_fraction: ``multiscale`` only: static capacity of each tile list, as a fraction of
       all tiles; a softmin whose kept tiles overflow it runs densely and is counted.
+    warm_iters: updates at ``ε = blur²`` run from warm-start potentials (``init``) in annealed
+      mode (``tol=None``); unused without ``init``.
   """
 
   blur: jax.Array | float
@@ -108,6 +111,7 @@ class DivergenceSettings:
   unroll_steps: int | None = None
   block_size: int = 128
   tile_fraction: float = 0.25
+  warm_iters: int = 5
 
 
 @_pytree(
