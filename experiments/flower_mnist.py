@@ -36,6 +36,12 @@ flags.DEFINE_integer("encode_chunk", _D.encode_chunk, "Images per chunk in globa
 flags.DEFINE_enum(
   "ot_backend", _D.ot_backend, list(OT_BACKENDS), "OT engine backend (auto: multiscale when large)."
 )
+flags.DEFINE_integer(
+  "ot_warm_iters",
+  _D.ot_warm_iters,
+  "Global variants with resample_freq > 1: 0 = cold annealed OT every step (paper); k > 0 = "
+  "steps that keep the prior sample start from the last step's potentials (k updates at blur²).",
+)
 flags.DEFINE_string("dataset", _D.dataset, "mnist5k | idx:DIR | tfds:mnist | tfds:fashion_mnist")
 flags.DEFINE_integer("n_train", None, "Class-balanced training subset size.")
 flags.DEFINE_integer("n_test", None, "Class-balanced test subset size.")
@@ -62,6 +68,7 @@ def main(argv):
       encode_chunk=FLAGS.encode_chunk,
       prior_self_term=FLAGS.prior_self_term,
       ot_backend=FLAGS.ot_backend,
+      ot_warm_iters=FLAGS.ot_warm_iters,
       dataset=FLAGS.dataset,
       n_train=FLAGS.n_train,
       n_test=FLAGS.n_test,

@@ -39,6 +39,12 @@ flags.DEFINE_integer("batch_size", _D.batch_size, "Minibatch size M.")
 flags.DEFINE_enum(
   "ot_backend", _D.ot_backend, list(OT_BACKENDS), "OT engine backend (auto: multiscale when large)."
 )
+flags.DEFINE_integer(
+  "ot_warm_iters",
+  _D.ot_warm_iters,
+  "Global variants with resample_freq > 1: 0 = cold annealed OT every step (paper); k > 0 = "
+  "steps that keep the prior sample start from the last step's potentials (k updates at blur²).",
+)
 flags.DEFINE_integer("eval_every", 200, "Steps between evaluations/checkpoints of each run.")
 flags.DEFINE_string("workdir", None, "Root directory of the sweep (resumes).")
 flags.mark_flag_as_required("workdir")
@@ -74,6 +80,7 @@ def main(argv):
       scaling=FLAGS.scaling,
       batch_size=FLAGS.batch_size,
       ot_backend=FLAGS.ot_backend,
+      ot_warm_iters=FLAGS.ot_warm_iters,
       dataset=FLAGS.dataset,
       n_train=FLAGS.n_train,
       n_test=FLAGS.n_test,

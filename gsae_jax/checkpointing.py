@@ -38,10 +38,26 @@ def exists(workdir: str | os.PathLike) -> bool:
   return (pathlib.Path(workdir) / CHECKPOINT).is_file()
 
 
+# Top-level state fields added after checkpoints were first written, with the reason: a
+# checkpoint without one takes the template's value (what a fresh run of its config holds).
+ADDED_FIELDS = {
+  "potentials": "TrainState.potentials (warm starts, issue 13); empty unless ot_warm_iters",
+}
+
+
 def restore(workdir: str | os.PathLike, template: Any) -> tuple[Any, dict]:
-  """Reads the checkpoint into the structure of ``template``; returns ``(state, header)``."""
+  """Reads the checkpoint into the structure of ``template``; returns ``(state, header)``.
+
+  A checkpoint written before a field of :data:`ADDED_FIELDS` existed gets the template's
+  value for it; any other difference in structure is an error.
+  """
   workdir = pathlib.Path(workdir)
-  state = serialization.from_bytes(template, (workdir / CHECKPOINT).read_bytes())
+  raw = serialization.msgpack_restore((workdir / CHECKPOINT).read_bytes())
+  expected = serialization.to_state_dict(template)
+  if isinstance(raw, dict) and isinstance(expected, dict):
+    for name in ADDED_FIELDS.keys() & (expected.keys() - raw.keys()):
+      raw[name] = expected[name]
+  state = serialization.from_state_dict(template, raw)
   header_path = workdir / HEADER
   header = json.loads(header_path.read_text()) if header_path.is_file() else {}
   return state, header

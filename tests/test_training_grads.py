@@ -9,7 +9,7 @@ import pytest
 
 from gsae_jax import priors
 from gsae_jax.models import make_autoencoder
-from gsae_jax.ot import sinkhorn_divergence
+from gsae_jax.ot import sinkhorn_divergence, solve_divergence
 from gsae_jax.training.gsae import GSAEConfig, init_state, loss_and_grad, refresh
 
 N, M = 240, 40
@@ -77,3 +77,81 @@ def test_variant_gradient_matches_unchunked(setup, variant, prior_self_term):
     )
   )(state.params)
   assert _rel_err(grads["encoder"], d_only["encoder"]) > 1e-2
+
+
+@pytest.mark.parametrize("prior_self_term", [False, True])
+@pytest.mark.parametrize("variant", ["minibatch_global", "full_global"])
+def test_warm_started_step_matches_unchunked(setup, variant, prior_self_term):
+  # ot_warm_iters with resample_freq = 2: steps 0 and 2 redraw the prior and run cold; step 1
+  # keeps it and starts from step 0's potentials. Reference: the unchunked loss with
+  # solve_divergence (cold, or init=...) called directly.
+  model, images, idx = setup
+  config = GSAEConfig(
+    variant=variant,
+    lam=3.0,
+    encode_chunk=64,
+    batch_size=M,
+    ot_warm_iters=3,
+    resample_freq=2,
+    prior_self_term=prior_self_term,
+  )
+  step = jax.jit(lambda s, i, k: loss_and_grad(model, config, s, i, images, k))
+
+  def reference(params, state, init):
+    x = images[idx]
+    z_b = model.encode(params["encoder"], x)
+    d = jnp.mean((model.decode(params["decoder"], z_b) - x) ** 2)
+    z_all = model.encode(params["encoder"], images)
+    if variant == "minibatch_global":
+      z_all = jax.lax.stop_gradient(z_all).at[idx].set(z_b)
+    out = solve_divergence(
+      z_all,
+      state.prior,
+      blur=config.blur,
+      scaling=config.scaling,
+      static_b=not prior_self_term,
+      init=init,
+      warm_iters=3,
+    )
+    return d + config.lam * out.value, out
+
+  def check(state, init, key):
+    (ref_loss, ref_out), ref_grads = jax.value_and_grad(reference, has_aux=True)(
+      state.params, state, init
+    )
+    loss, (_, _, pots), grads = step(state, idx, key)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    assert _rel_err(grads, ref_grads) < 1e-4
+    want = (ref_out.f_ba, ref_out.g_ab, ref_out.f_aa)
+    for got, w in zip(pots[:3], want, strict=True):
+      np.testing.assert_allclose(got, w, rtol=0, atol=1e-4)
+    return pots, grads
+
+  state = init_state(jax.random.key(0), model, config, images)
+  state = refresh(model, config, state, images, jax.random.key(1))
+  pots0, _ = check(state, None, jax.random.key(2))  # step 0: cold
+
+  state = state._replace(step=jnp.int32(1), potentials=pots0)
+  prior0 = state.prior
+  state = refresh(model, config, state, images, jax.random.key(3))
+  assert bool(jnp.all(state.prior == prior0))  # kept
+  f_ba, g_ab, f_aa, g_bb = pots0
+  init = (f_ba, g_ab, f_aa, g_bb if prior_self_term else None)
+  pots1, grads1 = check(state, init, jax.random.key(4))
+  # Not the cold step in disguise: the cold gradient differs.
+  _, cold_grads = jax.value_and_grad(reference, has_aux=True)(state.params, state, None)
+  assert _rel_err(grads1, cold_grads) > 1e-3
+
+  state = state._replace(step=jnp.int32(2), potentials=pots1)
+  state = refresh(model, config, state, images, jax.random.key(5))
+  assert bool(jnp.any(state.prior != prior0))  # redrawn: cold again
+  check(state, None, jax.random.key(6))
+
+
+def test_warm_iters_needs_a_global_variant_and_a_kept_prior():
+  with pytest.raises(ValueError, match="global variant"):
+    GSAEConfig(variant="local", ot_warm_iters=2)
+  with pytest.raises(ValueError, match="resample_freq > 1"):
+    GSAEConfig(variant="full_global", ot_warm_iters=2)
+  with pytest.raises(ValueError, match="ot_warm_iters"):
+    GSAEConfig(ot_warm_iters=-1)

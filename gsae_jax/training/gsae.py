@@ -32,7 +32,7 @@ import optax
 
 from gsae_jax import priors
 from gsae_jax.models import Autoencoder
-from gsae_jax.ot import BACKENDS, sinkhorn_divergence
+from gsae_jax.ot import BACKENDS, solve_divergence
 
 VARIANTS = ("local", "minibatch_global", "full_global")
 OT_BACKENDS = ("auto", *BACKENDS)
@@ -63,6 +63,13 @@ class GSAEConfig:
     ot_backend: backend of the OT engine (:func:`gsae_jax.ot.resolve_backend`): ``"auto"``
       (default: block-sparse ``"multiscale"`` for the global variants' 2-D clouds from
       10 000 points on, ``"dense"`` below), ``"dense"`` or ``"multiscale"``.
+    ot_warm_iters: global variants with ``resample_freq > 1`` only. ``0`` (default): every
+      step runs the cold annealed schedule, as the paper. ``k > 0``: a step that keeps the
+      prior sample starts from the previous step's potentials (kept in :class:`TrainState`)
+      and runs ``k`` updates at ``ε = blur²`` (``solve_divergence(init=...)``); a step that
+      redraws it runs cold. Measured at n = 60 000 (BUILD_NOTES.md, "Warm starts across
+      steps"): with the prior kept, 2 updates are both faster and closer to the converged
+      divergence than the cold schedule; after a redraw they are not, hence cold there.
   """
 
   variant: str = "minibatch_global"
@@ -79,6 +86,7 @@ class GSAEConfig:
   b1: float = 0.5
   b2: float = 0.999
   ot_backend: str = "auto"
+  ot_warm_iters: int = 0
 
   def __post_init__(self):
     if self.variant not in VARIANTS:
@@ -94,6 +102,19 @@ class GSAEConfig:
       raise ValueError(f"`scaling` must lie strictly between 0 and 1, got {self.scaling!r}.")
     if self.ot_backend not in OT_BACKENDS:
       raise ValueError(f"`ot_backend` must be one of {OT_BACKENDS}, got {self.ot_backend!r}.")
+    if int(self.ot_warm_iters) < 0:
+      raise ValueError(f"`ot_warm_iters` must be >= 0, got {self.ot_warm_iters!r}.")
+    if self.ot_warm_iters and self.variant == "local":
+      raise ValueError(
+        "`ot_warm_iters` > 0 needs a global variant: `local` draws a new batch and prior "
+        "sample every step, so there are no potentials to carry over."
+      )
+    if self.ot_warm_iters and self.resample_freq == 1:
+      raise ValueError(
+        "`ot_warm_iters` > 0 needs resample_freq > 1: warm starts run on the steps that keep "
+        "the prior sample (after a redraw they were less accurate than the cold schedule, "
+        "BUILD_NOTES.md 'Warm starts across steps'), and resample_freq = 1 keeps none."
+      )
 
 
 class TrainState(NamedTuple):
@@ -105,6 +126,9 @@ class TrainState(NamedTuple):
     opt_state: Adam state.
     latents: ``[n, z]`` latent cache (``minibatch_global``; ``[0, z]`` otherwise).
     prior: ``[n, z]`` current prior sample (global modes; ``[0, z]`` for ``local``).
+    potentials: ``[4, n]`` the last step's ``(f_ba, g_ab, f_aa, g_bb)`` for the warm start
+      (``ot_warm_iters > 0``; ``g_bb`` zero without ``prior_self_term``; ``[4, 0]``
+      otherwise).
   """
 
   step: jax.Array
@@ -112,6 +136,7 @@ class TrainState(NamedTuple):
   opt_state: Any
   latents: jax.Array
   prior: jax.Array
+  potentials: jax.Array
 
 
 def make_optimizer(config: GSAEConfig) -> optax.GradientTransformation:
@@ -152,29 +177,53 @@ def init_state(
     latents = jnp.zeros((0, zdim), jnp.float32)
   n_prior = 0 if config.variant == "local" else n
   prior = jnp.zeros((n_prior, zdim), jnp.float32)
-  return TrainState(jnp.int32(0), params, opt_state, latents, prior)
+  potentials = jnp.zeros((4, n if config.ot_warm_iters else 0), jnp.float32)
+  return TrainState(jnp.int32(0), params, opt_state, latents, prior, potentials)
 
 
 def _reconstruction(model, params, x):
   return jnp.mean((model.decode(params["decoder"], model.encode(params["encoder"], x)) - x) ** 2)
 
 
-def _divergence(config: GSAEConfig, z, prior):
-  return sinkhorn_divergence(
+def _solve(config: GSAEConfig, z, prior, init=None):
+  return solve_divergence(
     z,
     prior,
     blur=config.blur,
     scaling=config.scaling,
     static_b=not config.prior_self_term,
     backend=config.ot_backend,
+    init=init,
+    warm_iters=max(1, config.ot_warm_iters),
   )
+
+
+def _divergence(config: GSAEConfig, z, prior, state: TrainState):
+  """``S(z, prior)`` and the potentials ``[4, n]`` to carry to the next step.
+
+  Cold (the annealed schedule) unless ``config.ot_warm_iters``; then warm from
+  ``state.potentials`` on the steps that keep the prior sample, cold on those that redraw
+  it (:func:`refresh`; step 0 is one).
+  """
+  if not config.ot_warm_iters:
+    return _solve(config, z, prior).value, state.potentials
+
+  def run(init):
+    out = _solve(config, z, prior, init)
+    g_bb = jnp.zeros_like(out.g_ab) if out.g_bb is None else out.g_bb
+    return out.value, jnp.stack([out.f_ba, out.g_ab, out.f_aa, g_bb])
+
+  f_ba, g_ab, f_aa, g_bb = state.potentials
+  warm = (f_ba, g_ab, f_aa, g_bb if config.prior_self_term else None)
+  redrawn = state.step % config.resample_freq == 0
+  return jax.lax.cond(redrawn, lambda: run(None), lambda: run(warm))
 
 
 def _sample_prior(config: GSAEConfig, key, n, zdim):
   return priors.get_prior(config.prior, dim=zdim)(key, n)
 
 
-def full_global_loss_and_grad(model, config, params, x_batch, images, prior):
+def full_global_loss_and_grad(model, config, state: TrainState, x_batch, images):
   """``D + λ S`` and its gradient with every training latent live, in bounded memory.
 
   ``S(Q(X), prior)`` is differentiated as ``Σ_chunks VJP_Q(X_chunk)(∂S/∂Z_chunk)``: a first
@@ -184,11 +233,15 @@ def full_global_loss_and_grad(model, config, params, x_batch, images, prior):
   ``O(n·z)`` latents plus one chunk of activations, whatever ``n``.
 
   Returns:
-    ``(loss, (D, S), grads)`` with ``grads`` shaped like ``params``.
+    ``(loss, (D, S, potentials), grads)`` with ``grads`` shaped like ``params`` and
+    ``potentials`` as :attr:`TrainState.potentials`.
   """
+  params = state.params
   enc = params["encoder"]
   z_all = jax.lax.stop_gradient(encode_all(model, enc, images, config.encode_chunk))
-  s_val, ds_dz = jax.value_and_grad(lambda z: _divergence(config, z, prior))(z_all)
+  (s_val, pots), ds_dz = jax.value_and_grad(
+    lambda z: _divergence(config, z, state.prior, state), has_aux=True
+  )(z_all)
 
   chunk = min(config.encode_chunk, images.shape[0])
   xs, cts = _chunked(images, chunk), _chunked(ds_dz, chunk)
@@ -204,7 +257,7 @@ def full_global_loss_and_grad(model, config, params, x_batch, images, prior):
   d_val, grads = jax.value_and_grad(lambda p: _reconstruction(model, p, x_batch))(params)
   grads = dict(grads)
   grads["encoder"] = jax.tree.map(lambda g, s: g + config.lam * s, grads["encoder"], s_grad_enc)
-  return d_val + config.lam * s_val, (d_val, s_val), grads
+  return d_val + config.lam * s_val, (d_val, s_val, pots), grads
 
 
 def _loss_fn(model, config, params, state: TrainState, x, idx, images, prior_key):
@@ -213,11 +266,11 @@ def _loss_fn(model, config, params, state: TrainState, x, idx, images, prior_key
   d_val = jnp.mean((model.decode(params["decoder"], z_b) - x) ** 2)
   if config.variant == "local":
     prior = _sample_prior(config, prior_key, x.shape[0], z_b.shape[1])
-    s_val = _divergence(config, z_b, prior)
+    s_val, pots = _divergence(config, z_b, prior, state)
   else:
     z = state.latents.at[idx].set(z_b)  # stop-gradient cache, live batch rows
-    s_val = _divergence(config, z, state.prior)
-  return d_val + config.lam * s_val, (d_val, s_val)
+    s_val, pots = _divergence(config, z, state.prior, state)
+  return d_val + config.lam * s_val, (d_val, s_val, pots)
 
 
 def refresh(model, config: GSAEConfig, state: TrainState, images, key) -> TrainState:
@@ -251,10 +304,13 @@ def loss_and_grad(model, config: GSAEConfig, state: TrainState, idx, images, key
     idx: ``[M]`` batch indices into ``images``.
     images: ``[n, 28, 28, 1]`` training set.
     key: prior key of the ``local`` variant (unused otherwise).
+
+  Returns:
+    ``(loss, (D, S, potentials), grads)``; ``potentials`` as :attr:`TrainState.potentials`.
   """
   x = images[idx]
   if config.variant == "full_global":
-    return full_global_loss_and_grad(model, config, state.params, x, images, state.prior)
+    return full_global_loss_and_grad(model, config, state, x, images)
   fn = functools.partial(_loss_fn, model, config)
   (loss, aux), grads = jax.value_and_grad(fn, has_aux=True)(
     state.params, state, x, idx, images, key
@@ -281,10 +337,15 @@ def make_train_step(
   def step(state: TrainState, idx: jax.Array, key: jax.Array):
     k_prior, k_local = jax.random.split(key)
     state = refresh(model, config, state, images, k_prior)
-    loss, (d_val, s_val), grads = loss_and_grad(model, config, state, idx, images, k_local)
+    loss, (d_val, s_val, pots), grads = loss_and_grad(model, config, state, idx, images, k_local)
     updates, opt_state = opt.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new = state._replace(step=state.step + 1, params=params, opt_state=opt_state)
+    new = state._replace(
+      step=state.step + 1,
+      params=params,
+      opt_state=opt_state,
+      potentials=jax.lax.stop_gradient(pots),
+    )
     return new, {"loss": loss, "reconstruction": d_val, "sinkhorn": s_val}
 
   return jax.jit(step, donate_argnums=0)

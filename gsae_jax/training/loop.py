@@ -54,6 +54,7 @@ class ExperimentConfig:
   encode_chunk: int = GSAEConfig.encode_chunk
   prior_self_term: bool = GSAEConfig.prior_self_term
   ot_backend: str = GSAEConfig.ot_backend
+  ot_warm_iters: int = GSAEConfig.ot_warm_iters
   dataset: str = "mnist5k"
   n_train: int | None = None
   n_test: int | None = None
@@ -82,6 +83,7 @@ class ExperimentConfig:
       encode_chunk=self.encode_chunk,
       prior_self_term=self.prior_self_term,
       ot_backend=self.ot_backend,
+      ot_warm_iters=self.ot_warm_iters,
     )
 
 
