@@ -377,11 +377,14 @@ def test_select_tiles_keeps_the_tiles_of_keep_tiles(x64, converged, target):
   np.testing.assert_array_equal(full, keep)
 
 
+@pytest.mark.parametrize("column_grad", [True, False])
 @pytest.mark.parametrize("shift", [0.0, 3.0, -200.0, 400.0])
-def test_offset_kernel_matches_dense_for_any_estimate(x64, shift):
+def test_offset_kernel_matches_dense_for_any_estimate(x64, shift, column_grad):
   # f_estimate only sets the exponentials' offset: a good estimate (shift 0, 3 ε) takes the
   # one-pass path, a bad one (off by 200 ε or 400 ε: sums outside [e^-50, e^50]) must rerun
-  # with the running max. Either way the value and the gradient are the dense ones.
+  # with the running max. Either way the value and the gradient are the dense ones. Without
+  # column gradients the backward's row sums come from the forward pass (or, after a rerun,
+  # from a recomputation): the x- and ε-gradients must not change.
   x, y, g, log_b = _clouds(700, 650, 2, seed=3)
   eps = 0.2
   ref = _dense_np(x, y, g, log_b, eps)
@@ -390,24 +393,32 @@ def test_offset_kernel_matches_dense_for_any_estimate(x64, shift):
   tiles = ms.tile_list(jnp.ones((nbx, nby), bool), nbx * nby)
   est = ms.to_blocks(bx, ref + shift * eps)
 
-  def run(xp):
+  def run(xp, e=eps):
     out = ms.block_sparse_softmin(
       bx._replace(points=ms.to_blocks(bx, xp)),
       by,
       ms.to_blocks(by, g),
-      eps,
+      e,
       tiles,
       f_estimate=est,
+      column_grad=column_grad,
     )
     return ms.from_blocks(bx, out)
 
   np.testing.assert_allclose(np.asarray(run(x)), ref, rtol=1e-10, atol=1e-10)
   weights = np.random.default_rng(0).normal(size=x.shape[0])
-  grad = jax.grad(lambda xp: jnp.sum(weights * run(xp)))(jnp.asarray(x))
-  ref_grad = jax.grad(
-    lambda xp: jnp.sum(weights * _dense_jnp(xp, jnp.asarray(y), jnp.asarray(g), log_b, eps))
-  )(jnp.asarray(x))
+  dense = lambda xp, e: _dense_jnp(xp, jnp.asarray(y), jnp.asarray(g), log_b, e)
+  if not column_grad:  # no column cotangents: h = log b + g/ε counts as a constant
+    h_fixed = jnp.asarray(log_b + g / eps)
+    dense = lambda xp, e: _dense_jnp(xp, jnp.asarray(y), e * (h_fixed - log_b), log_b, e)
+  grad, g_eps = jax.grad(lambda xp, e: jnp.sum(weights * run(xp, e)), argnums=(0, 1))(
+    jnp.asarray(x), eps
+  )
+  ref_grad, ref_eps = jax.grad(lambda xp, e: jnp.sum(weights * dense(xp, e)), argnums=(0, 1))(
+    jnp.asarray(x), eps
+  )
   np.testing.assert_allclose(np.asarray(grad), np.asarray(ref_grad), rtol=1e-8, atol=1e-10)
+  np.testing.assert_allclose(float(g_eps), float(ref_eps), rtol=1e-8)
 
 
 def test_padding_rows_read_their_estimate_and_need_no_tile(x64):

@@ -820,13 +820,46 @@ def _forward_offset(x_c, y, h, inv_eps, centers, rs, cs, count, o_hat, valid):
   return o_hat + jnp.log(acc), ok
 
 
-def _forward(x, y, h, eps, centers, rows, cols, count, f_est, valid, chunk):
+def _row_sums_offset(x_c, y, h, inv_eps, centers, rs, cs, count, o_hat, valid):
+  """:func:`_forward_offset` that also takes the backward pass's row sums in the same pass:
+  ``Σ_j P_ij (x'_i − y'_j)`` and ``Σ_j P_ij C_ij`` (``P`` the row-normalised plan), which do
+  not depend on the cotangent. Returns ``(lse_hat, ok, dx [nbx, B_x, d], pc [nbx, B_x])``."""
+  nbx, bxs, d = x_c.shape
+
+  def work(carry, r, c):
+    acc, sx, sc = carry
+    rc, xs, ys, hh = _gather_tile(x_c, y, h, centers, r, c, inv_eps)
+    p = jnp.exp(_tile_logits(xs, ys * inv_eps, hh) - o_hat[rc][..., None])  # [K, Bx, By]
+    feats = jnp.concatenate(
+      [jnp.ones_like(ys[..., :1]), ys, 0.5 * jnp.sum(ys * ys, -1)[..., None]], -1
+    )
+    q = jnp.sum(p[..., None] * feats[:, None, :, :], axis=-2)  # [K, Bx, d + 2]
+    p0, p_y, p_y2 = q[..., 0], q[..., 1 : d + 1], q[..., d + 1]
+    acc = acc.at[r].add(p0, mode="drop")
+    sx = sx.at[r].add(xs * p0[..., None] - p_y, mode="drop")
+    r_pc = 0.5 * jnp.sum(xs * xs, axis=-1) * p0 - jnp.sum(xs * p_y, axis=-1) + p_y2
+    return acc, sx, sc.at[r].add(r_pc, mode="drop")
+
+  zeros = lambda *shape: jnp.zeros(shape, x_c.dtype)
+  acc, sx, sc = _scan_chunks(
+    work, (zeros(nbx, bxs), zeros(nbx, bxs, d), zeros(nbx, bxs)), (rs, cs), count
+  )
+  in_range = (acc >= math.exp(-_OFFSET_RANGE)) & (acc <= math.exp(_OFFSET_RANGE))
+  ok = jnp.all(in_range | ~valid)
+  norm = jnp.where(acc > 0, 1.0 / acc, 0.0)
+  return o_hat + jnp.log(acc), ok, sx * norm[..., None], sc * norm
+
+
+def _forward(x, y, h, eps, centers, rows, cols, count, f_est, valid, chunk, sums=False):
+  # Returns (out, lse_hat, row_sums): row_sums = (ok, dx, pc) of _row_sums_offset when `sums`
+  # (and an estimate is given), else None.
   nbx = x.shape[0]
   nby = y.shape[0]
   inv_eps = 1.0 / eps
   x_c = x - centers[:, None, :]
   half_x2 = (0.5 * inv_eps) * jnp.sum(x_c * x_c, axis=-1)
   rs, cs = _chunks(rows, cols, count, nbx, nby, chunk)
+  row_sums = None
   if f_est is None:
     lse_hat = _forward_online(x_c, y, h, inv_eps, centers, rs, cs, count)
     # Padding rows are not the caller's: they read 0, not a softmin of whatever they hold.
@@ -835,7 +868,12 @@ def _forward(x, y, h, eps, centers, rows, cols, count, f_est, valid, chunk):
     # Near the fixed point the row's log-sum-exp is −f/ε (hat units: + ½‖x'‖²/ε), so the exp
     # needs no running max; a row off by > e^50 reruns the whole softmin with the online max.
     o_hat = jnp.where(jnp.isfinite(f_est), -f_est * inv_eps, 0.0) + half_x2
-    lse_hat, ok = _forward_offset(x_c, y, h, inv_eps, centers, rs, cs, count, o_hat, valid)
+    args = (x_c, y, h, inv_eps, centers, rs, cs, count, o_hat, valid)
+    if sums:
+      lse_hat, ok, dx, pc = _row_sums_offset(*args)
+      row_sums = (ok, dx, pc)
+    else:
+      lse_hat, ok = _forward_offset(*args)
     lse_hat = jax.lax.cond(
       ok,
       lambda: lse_hat,
@@ -843,7 +881,7 @@ def _forward(x, y, h, eps, centers, rows, cols, count, f_est, valid, chunk):
     )
     # Padding rows read their estimate.
     lse_hat = jnp.where(valid, lse_hat, o_hat)
-  return -eps * (lse_hat - half_x2), lse_hat
+  return -eps * (lse_hat - half_x2), lse_hat, row_sums
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11))
@@ -852,9 +890,14 @@ def _tiled_softmin(x, y, h, eps, centers, rows, cols, count, f_est, valid, chunk
 
 
 def _tiled_softmin_fwd(x, y, h, eps, centers, rows, cols, count, f_est, valid, chunk, column_grad):
-  out, lse_hat = _forward(x, y, h, eps, centers, rows, cols, count, f_est, valid, chunk)
-  # Residuals are O(n + m + capacity): the tiles are recomputed in the backward pass.
-  return out, (x, y, h, eps, centers, rows, cols, count, valid, lse_hat, out)
+  # Rows only (no column cotangents) with an estimate: the backward's row sums come out of the
+  # forward pass (≈ 1.5× its cost) instead of a second pass over the tiles (≈ 3×).
+  sums = f_est is not None and not column_grad
+  out, lse_hat, row_sums = _forward(
+    x, y, h, eps, centers, rows, cols, count, f_est, valid, chunk, sums=sums
+  )
+  # Residuals are O(n + m + capacity): tiles are recomputed in the backward pass if needed.
+  return out, (x, y, h, eps, centers, rows, cols, count, valid, lse_hat, out, row_sums)
 
 
 def _tiled_softmin_bwd(chunk, column_grad, res, ct):
@@ -864,7 +907,7 @@ def _tiled_softmin_bwd(chunk, column_grad, res, ct):
   # Differences are translation invariant, so each tile works in its centred coordinates. The
   # row sums (Σ_j P (x'−y'), Σ_j P C) do not need c and are scaled by it at the end. An empty
   # row (LSE = −inf, out = +inf) has P = 0 and contributes nothing.
-  x, y, h, eps, centers, rows, cols, count, valid, lse_hat, out = res
+  x, y, h, eps, centers, rows, cols, count, valid, lse_hat, out, row_sums = res
   nbx, bxs, d = x.shape
   nby, bys, _ = y.shape
   inv_eps = 1.0 / eps
@@ -899,7 +942,13 @@ def _tiled_softmin_bwd(chunk, column_grad, res, ct):
   col_shape = (nby, bys, d + 1) if column_grad else (1, 1, d + 1)  # unused without column_grad
   zeros = lambda *shape: jnp.zeros(shape, x.dtype)
   init = (zeros(nbx, bxs, d), zeros(nbx, bxs), zeros(*col_shape))
-  dx_acc, pc_acc, col_acc = _scan_chunks(work, init, (rs, cs), count)
+  recompute = lambda: _scan_chunks(work, init, (rs, cs), count)
+  if row_sums is None:
+    dx_acc, pc_acc, col_acc = recompute()
+  else:  # from the forward pass, unless it fell back to the online kernel
+    ok, dx_f, pc_f = row_sums
+    dx_f, pc_f = jnp.where(live[..., None], dx_f, 0.0), jnp.where(live, pc_f, 0.0)
+    dx_acc, pc_acc, col_acc = jax.lax.cond(ok, lambda: (dx_f, pc_f, init[2]), recompute)
   dx = ct[..., None] * dx_acc
   deps = jnp.sum(jnp.where(live, ct * (out - pc_acc), 0.0)) * inv_eps
   if not column_grad:
