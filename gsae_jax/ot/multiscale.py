@@ -591,7 +591,7 @@ def softmin_upper_bound(bx: Blocks, by: Blocks, g_blocks: jax.Array, eps) -> jax
     eps: positive scalar temperature.
 
   Returns:
-    ``[nbx, B_x]`` upper bounds (``+inf`` on a row whose tile holds no mass; 0 on padding).
+    ``[nbx, B_x]`` upper bounds (``+inf`` on a row whose tiles hold no mass; 0 on padding).
   """
   nbx, nby = bx.valid.shape[0], by.valid.shape[0]
   zeros = jnp.zeros(bx.valid.shape, bx.lo.dtype)

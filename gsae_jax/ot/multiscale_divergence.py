@@ -21,6 +21,10 @@ with two scales, as GeomLoss's ``multiscale`` backend:
    overflows its static capacity makes that softmin run densely (``lax.cond``), and the
    result counts it in ``dense_fallbacks``: never a silent loss of tiles.
 
+Warm start (``init``): steps 1–2 are skipped; the fine loop starts in the converged-mode tail
+from the given potentials (a redrawn target's potential first gets one softmin of ``f_ba``,
+its tiles chosen from :func:`multiscale.softmin_upper_bound`).
+
 Gradients: ``envelope`` only (the final extrapolation runs the block-sparse softmin with live
 row points; its custom VJP recomputes the tiles).
 """
