@@ -34,15 +34,17 @@ def base_latents(regime: str, key, n: int) -> jax.Array:
   flower sample, rotated a little (latents close to the prior)."""
   if regime == "early":
     return 0.5 * jax.random.normal(key, (n, 2)) + jnp.array([0.5, -0.3])
-  pts = priors.flower(key, n)
-  c, s = np.cos(0.05), np.sin(0.05)
+  return rotated(priors.flower(key, n), 0.05)
+
+
+def rotated(pts: jax.Array, angle: float) -> jax.Array:
+  c, s = np.cos(angle), np.sin(angle)
   return pts @ jnp.array([[c, -s], [s, c]])
 
 
 def drifted(base: jax.Array, t: int, rate: float) -> jax.Array:
   """``(1 + rate·t) R(rate·t) base``: per step each point moves ≈ ``rate·|x|``."""
-  c, s = np.cos(rate * t), np.sin(rate * t)
-  return (1.0 + rate * t) * (base @ jnp.array([[c, -s], [s, c]]))
+  return (1.0 + rate * t) * rotated(base, rate * t)
 
 
 def rel(a, b) -> float:
@@ -69,7 +71,7 @@ def make_solver(kw: dict, warm_iters: int | None, redrawn: bool):
 
 
 def run_regime(args, regime: str, target: str) -> list[dict]:
-  key = jax.random.PRNGKey(args.seed)
+  key = jax.random.key(args.seed)
   k_base, k_prior = jax.random.split(key)
   base = base_latents(regime, k_base, args.n)
   redrawn = target == "redrawn"
@@ -85,9 +87,7 @@ def run_regime(args, regime: str, target: str) -> list[dict]:
     x = drifted(base, t, args.rate)
     y = priors.flower(jax.random.fold_in(k_prior, t), args.n) if redrawn else y_fixed
     for m in methods:
-      init = state.get(m, state.get("cold"))
-      if init is None:
-        init = (jnp.zeros(args.n), jnp.zeros(args.n), jnp.zeros(args.n))
+      init = state.get(m, state.get("cold"))  # cold runs first: a chain starts from it
       t0 = time.perf_counter()
       val, grad, out = jax.block_until_ready(solvers[m](x, y, init))
       dt = time.perf_counter() - t0

@@ -178,6 +178,24 @@ class _Schedule(NamedTuple):
     return schedule.traced_epsilon(k, self.diam, self.n_mid, self.blur, self.scaling)
 
 
+def _tail_while(st: _State, eps, tol, n_updates, p: _Clouds, sm: Softmin, static_b):
+  """The converged-mode updates of :func:`_tol_step` at the final ε from the potentials ``st``
+  (after the annealing, or a warm start): ``n_updates`` of them with ``tol=None``, else until
+  within ``tol`` (at most ``n_updates``). Returns ``(state, updates run, last largest
+  marginal violation)``."""
+  inf = jnp.asarray(jnp.inf, p.x.dtype)
+  run_tol = -inf if tol is None else tol  # annealed mode: every update runs all sides
+
+  def body(carry):
+    k, st, viols = carry
+    st, viols = _tol_step(st, viols, eps, run_tol, p, sm, static_b)
+    return k + 1, st, viols
+
+  cond = lambda c: (c[0] < n_updates) & (jnp.max(c[2]) > run_tol)
+  k, st, viols = jax.lax.while_loop(cond, body, (jnp.int32(0), st, jnp.full((3,), inf)))
+  return st, k, jnp.max(viols)
+
+
 def _anneal_while(p: _Clouds, sch: _Schedule, tol, max_iter: int, sm: Softmin, static_b):
   """Envelope mode: the annealing (and converged-mode tail) as ``lax.while_loop``s.
 
@@ -194,18 +212,9 @@ def _anneal_while(p: _Clouds, sch: _Schedule, tol, max_iter: int, sm: Softmin, s
   k, st, viol = jax.lax.while_loop(lambda c: c[0] < sch.n_sched, body, (jnp.int32(0), st0, inf))
   if tol is None:
     return st, k, viol
-  n_total = sch.n_sched + max_iter
-  eps = sch.blur**2
-
-  def tol_body(carry):
-    k, st, viols = carry
-    st, viols = _tol_step(st, viols, eps, tol, p, sm, static_b)
-    return k + 1, st, viols
-
-  # Past the schedule, only while some marginal is off.
-  tol_cond = lambda c: (c[0] < n_total) & (jnp.max(c[2]) > tol)
-  k, st, viols = jax.lax.while_loop(tol_cond, tol_body, (k, st, jnp.full((3,), inf)))
-  return st, k, jnp.max(viols)
+  # Past the schedule, only while some marginal is off: the warm loop from these potentials.
+  st, extra, viol = _tail_while(st, sch.blur**2, tol, max_iter, p, sm, static_b)
+  return st, k + extra, viol
 
 
 def _anneal_scan(p: _Clouds, sch: _Schedule, tol, max_iter, sm: Softmin, static_b, n_steps):
@@ -235,23 +244,6 @@ def _anneal_scan(p: _Clouds, sch: _Schedule, tol, max_iter, sm: Softmin, static_
     return jax.lax.cond(jnp.max(carry[2]) > tol, run, lambda c: c, carry), None
 
   (st, k, viols), _ = jax.lax.scan(tol_step, (st, k, jnp.full((3,), inf)), None, length=max_iter)
-  return st, k, jnp.max(viols)
-
-
-def _warm_while(st: _State, eps, tol, n_updates, p: _Clouds, sm: Softmin, static_b):
-  """Warm mode: the converged-mode updates of :func:`_tol_step` at the final ε from given
-  potentials, ``n_updates`` of them (``tol=None``), or until within ``tol`` (at most
-  ``n_updates``). Returns ``(state, updates run, last largest marginal violation)``."""
-  inf = jnp.asarray(jnp.inf, p.x.dtype)
-  run_tol = -inf if tol is None else tol  # annealed mode: every update runs all sides
-
-  def body(carry):
-    k, st, viols = carry
-    st, viols = _tol_step(st, viols, eps, run_tol, p, sm, static_b)
-    return k + 1, st, viols
-
-  cond = lambda c: (c[0] < n_updates) & (jnp.max(c[2]) > run_tol)
-  k, st, viols = jax.lax.while_loop(cond, body, (jnp.int32(0), st, jnp.full((3,), inf)))
   return st, k, jnp.max(viols)
 
 
@@ -326,7 +318,7 @@ def _dense_backend(problem: OTProblem, s: DivergenceSettings, init=None) -> Dive
     g_bb = jnp.zeros_like(hy2) if g_bb is None else g_bb - hy2
     n_updates = s.warm_iters if tol is None else s.max_iter
     st0 = _State(f_ba, g_ab, f_aa, g_bb)
-    st, iters, viol = _warm_while(st0, eps, tol, n_updates, pd, sm, s.static_b)
+    st, iters, viol = _tail_while(st0, eps, tol, n_updates, pd, sm, s.static_b)
   elif s.grad == "envelope":
     st, iters, viol = _anneal_while(p.detached(), sch, tol, s.max_iter, sm, s.static_b)
   else:

@@ -820,6 +820,20 @@ def _forward_offset(x_c, y, h, inv_eps, centers, rs, cs, count, o_hat, valid):
   return o_hat + jnp.log(acc), ok
 
 
+def _plan_row_sums(p, xs, ys):
+  """Row sums of a tile's plan ``p [K, B_x, B_y]`` in its centred coordinates: ``Σ_j p``,
+  ``Σ_j p (x'_i − y'_j)`` ``[K, B_x, d]`` and ``Σ_j p C_ij`` (``C = ½‖x' − y'‖²``)."""
+  # Broadcast-multiply-reduce, not einsum: XLA's CPU batched matmul with 3–4 output columns
+  # was ≈ 6× slower than this fused form (BUILD_NOTES.md, "Multiscale backend").
+  feats = jnp.concatenate([jnp.ones_like(ys[..., :1]), ys], -1)  # [K, By, d + 1]
+  py = jnp.sum(p[..., None] * feats[:, None, :, :], axis=-2)
+  p0, p_y = py[..., 0], py[..., 1:]
+  # Σ_j p ½‖y'‖² in its own reduction, so that XLA can drop it when only d/dx is needed.
+  p_y2 = jnp.sum(p * (0.5 * jnp.sum(ys * ys, axis=-1))[:, None, :], axis=-1)
+  pc = 0.5 * jnp.sum(xs * xs, axis=-1) * p0 - jnp.sum(xs * p_y, axis=-1) + p_y2
+  return p0, xs * p0[..., None] - p_y, pc
+
+
 def _row_sums_offset(x_c, y, h, inv_eps, centers, rs, cs, count, o_hat, valid):
   """:func:`_forward_offset` that also takes the backward pass's row sums in the same pass:
   ``Σ_j P_ij (x'_i − y'_j)`` and ``Σ_j P_ij C_ij`` (``P`` the row-normalised plan), which do
@@ -830,14 +844,9 @@ def _row_sums_offset(x_c, y, h, inv_eps, centers, rs, cs, count, o_hat, valid):
     acc, sx, sc = carry
     rc, xs, ys, hh = _gather_tile(x_c, y, h, centers, r, c, inv_eps)
     p = jnp.exp(_tile_logits(xs, ys * inv_eps, hh) - o_hat[rc][..., None])  # [K, Bx, By]
-    feats = jnp.concatenate(
-      [jnp.ones_like(ys[..., :1]), ys, 0.5 * jnp.sum(ys * ys, -1)[..., None]], -1
-    )
-    q = jnp.sum(p[..., None] * feats[:, None, :, :], axis=-2)  # [K, Bx, d + 2]
-    p0, p_y, p_y2 = q[..., 0], q[..., 1 : d + 1], q[..., d + 1]
+    p0, r_dx, r_pc = _plan_row_sums(p, xs, ys)
     acc = acc.at[r].add(p0, mode="drop")
-    sx = sx.at[r].add(xs * p0[..., None] - p_y, mode="drop")
-    r_pc = 0.5 * jnp.sum(xs * xs, axis=-1) * p0 - jnp.sum(xs * p_y, axis=-1) + p_y2
+    sx = sx.at[r].add(r_dx, mode="drop")
     return acc, sx, sc.at[r].add(r_pc, mode="drop")
 
   zeros = lambda *shape: jnp.zeros(shape, x_c.dtype)
@@ -921,16 +930,9 @@ def _tiled_softmin_bwd(chunk, column_grad, res, ct):
     dx_acc, pc_acc, col_acc = carry
     rc, xs, ys, hh = _gather_tile(x_c, y, h, centers, r, c, inv_eps)
     p = jnp.exp(_tile_logits(xs, ys * inv_eps, hh) - offset[rc][..., None])  # [K, Bx, By]
-    # Broadcast-multiply-reduce, not einsum: XLA's CPU batched matmul with 3–4 output columns
-    # was ≈ 6× slower than this fused form (BUILD_NOTES.md, "Multiscale backend").
-    feats = jnp.concatenate([jnp.ones_like(ys[..., :1]), ys], -1)  # [K, By, d + 1]
-    py = jnp.sum(p[..., None] * feats[:, None, :, :], axis=-2)
-    p0, p_y = py[..., 0], py[..., 1:]
-    dx_acc = dx_acc.at[r].add(xs * p0[..., None] - p_y, mode="drop")
-    # Σ_j P C for d/dε, in its own sum and carry: XLA drops both when ε needs no gradient.
-    p_y2 = jnp.sum(p * (0.5 * jnp.sum(ys * ys, axis=-1))[:, None, :], axis=-1)
-    r_pc = 0.5 * jnp.sum(xs * xs, axis=-1) * p0 - jnp.sum(xs * p_y, axis=-1) + p_y2
-    pc_acc = pc_acc.at[r].add(r_pc, mode="drop")
+    _, r_dx, r_pc = _plan_row_sums(p, xs, ys)
+    dx_acc = dx_acc.at[r].add(r_dx, mode="drop")
+    pc_acc = pc_acc.at[r].add(r_pc, mode="drop")  # its own carry: dropped when ε needs no grad
     if column_grad:
       ctk = ct[rc][..., None]
       weights = jnp.concatenate([ctk, ctk * xs], -1)  # [K, Bx, d + 1]
