@@ -67,6 +67,21 @@ def test_config_mismatch_on_resume_is_an_error(tmp_path):
     train_and_evaluate(ExperimentConfig(**{**TINY, "seed": 1}), str(tmp_path))
 
 
+def test_resume_accepts_a_setting_added_later_at_its_default(tmp_path):
+  # A run saved before `ot_warm_iters` existed ran at its default; asking for the default
+  # resumes, asking for another value is a different config.
+  tiny = {**TINY, "variant": "minibatch_global", "resample_freq": 2}
+  train_and_evaluate(ExperimentConfig(**tiny), str(tmp_path))
+  cfg = json.loads((tmp_path / "config.json").read_text())
+  del cfg["ot_warm_iters"]
+  (tmp_path / "config.json").write_text(json.dumps(cfg))
+  final = train_and_evaluate(ExperimentConfig(**{**tiny, "epochs": 2}), str(tmp_path))
+  assert np.isfinite(final["reconstruction"])
+  (tmp_path / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ValueError, match="different config.*ot_warm_iters"):
+    train_and_evaluate(ExperimentConfig(**{**tiny, "epochs": 3, "ot_warm_iters": 2}), str(tmp_path))
+
+
 @pytest.mark.parametrize(
   "kwargs,match",
   [

@@ -16,6 +16,7 @@ import math
 import pathlib
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -92,6 +93,15 @@ class ExperimentConfig:
 _RESUMABLE_CHANGES = ("epochs", "eval_every", "log_every_s", "ot_backend")
 
 
+def _defaults() -> dict[str, Any]:
+  """The defaults of :class:`ExperimentConfig`'s settings, by name."""
+  return {
+    f.name: f.default
+    for f in dataclasses.fields(ExperimentConfig)
+    if f.default is not dataclasses.MISSING
+  }
+
+
 def _log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
@@ -126,6 +136,8 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, floa
   resuming = checkpointing.exists(workdir)
   if resuming and cfg_path.is_file():
     saved = json.loads(cfg_path.read_text())
+    # A setting added after the run started ran at its default (the behaviour before it).
+    saved = {**_defaults(), **saved}
     diff = {
       k: (saved.get(k), v)
       for k, v in cfg_dict.items()
