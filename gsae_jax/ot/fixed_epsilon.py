@@ -1,7 +1,9 @@
 """Entropic OT at a fixed temperature: alternating log-domain Sinkhorn, warm-startable.
 
-Cost ``C(x, y) = ½‖x − y‖²`` (GeomLoss convention). Potentials are folded inside the loop
-(``f̂ = f − ½‖x‖²``, :mod:`gsae_jax.ot.softmin`) and returned unfolded.
+Cost ``C(x, y) = ½‖x − y‖²`` (GeomLoss convention). Two backends: ``dense`` (every pair, in
+row chunks; potentials folded inside the loop, ``f̂ = f − ½‖x‖²``, :mod:`gsae_jax.ot.softmin`)
+and ``multiscale`` (d ≤ 3: every softmin block-sparse over the tiles that the current
+potentials make relevant, :mod:`gsae_jax.ot.multiscale`). Potentials are returned unfolded.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gsae_jax.ot import validation
-from gsae_jax.ot.divergence import mass_violation
+from gsae_jax.ot import multiscale, validation
+from gsae_jax.ot.divergence import mass_violation, resolve_backend
+from gsae_jax.ot.multiscale_divergence import _capacity_from_fraction, _fine_softmin, _Stats
 from gsae_jax.ot.problem import OTProblem, SinkhornOutput
 from gsae_jax.ot.softmin import softmin_kernel, softmin_with_mean_kernel
 
@@ -32,6 +35,9 @@ def sinkhorn(
   init: tuple[jax.Array, jax.Array] | None = None,
   chunk_size: int | None = None,
   backend: str = "auto",
+  truncate: float | jax.Array = multiscale.DEFAULT_TRUNCATE,
+  block_size: int = 128,
+  tile_fraction: float = 0.25,
 ) -> SinkhornOutput:
   """Entropic OT at a fixed ``ε`` by alternating log-domain Sinkhorn updates, warm-startable.
 
@@ -41,6 +47,16 @@ def sinkhorn(
   ``max_iter`` pairs ran (``converged`` in the result says which); ``init=(f, g)`` starts from
   given potentials (e.g. the previous solution after a small move of the points). Chunked: no
   ``[n, m]`` matrix.
+
+  ``backend="multiscale"`` (d ≤ 3) runs every softmin over the tiles of ``block_size²`` pairs
+  that the current potentials cannot rule out: a dropped tile provably holds less than
+  ``e^{−truncate}`` of each row's mass given the potentials it is chosen from
+  (:func:`gsae_jax.ot.multiscale.select_tiles`), so at the fixed point the truncation is
+  rigorous; a tile list that overflows ``tile_fraction`` of all tiles runs that softmin densely
+  and counts it in ``dense_fallbacks``. It pays when ``√ε`` is small against the clouds'
+  extent (few tiles relevant); at a large ``ε`` every tile is relevant and ``dense`` is faster.
+  ``"auto"`` picks it as :func:`gsae_jax.ot.resolve_backend` does (d ≤ 3 and
+  ``n·m ≥ AUTO_MULTISCALE_PAIRS``). Gradients are envelope gradients in both backends.
 
   ``x, y, a, b, epsilon, tol`` and ``init`` are traced (a new ε does not recompile);
   ``max_iter``, ``chunk_size`` and ``backend`` are static. Bad shapes, a non-scalar or
@@ -53,8 +69,12 @@ def sinkhorn(
     epsilon: positive finite scalar temperature.
     tol: target L1 marginal violation. max_iter: cap on update pairs (static).
     init: optional ``(f [n], g [m])`` true potentials to start from (default zeros).
-    chunk_size: rows per softmin block (static).
-    backend: ``"auto"`` or ``"dense"`` (the only backend of the fixed-ε solver so far).
+    chunk_size: rows per dense softmin block (static).
+    backend: ``"auto"``, ``"dense"`` or ``"multiscale"`` (static).
+    truncate: ``multiscale``: ``T`` of the tile test (traced).
+    block_size: ``multiscale``: points per block (static).
+    tile_fraction: ``multiscale``: capacity of each tile list as a fraction of all tiles
+      (static).
 
   Returns:
     A :class:`~gsae_jax.ot.problem.SinkhornOutput`.
@@ -65,9 +85,11 @@ def sinkhorn(
   validation.check_scalar("tol", tol, low=0.0)
   max_iter = validation.check_count("max_iter", max_iter)
   chunk_size = validation.check_count("chunk_size", chunk_size, allow_none=True)
-  validation.check_choice("backend", backend, ("auto", "dense"))
-  backend = "dense"  # the fixed-ε solver has no block-sparse path yet
+  validation.check_scalar("truncate", truncate, low=0.0)
+  block_size = validation.check_count("block_size", block_size)
+  validation.check_scalar("tile_fraction", tile_fraction, low=0.0, high=1.0, open_high=False)
   n, m = x.shape[0], y.shape[0]
+  backend = resolve_backend(backend, n, m, x.shape[1])
   if init is None:
     f0, g0 = jnp.zeros((n,), x.dtype), jnp.zeros((m,), x.dtype)
   else:
@@ -82,9 +104,21 @@ def sinkhorn(
       raise ValueError("`init` potentials contain NaN or inf.")
   eps = jnp.asarray(epsilon, x.dtype)
   tol = jnp.asarray(tol, x.dtype)
-  return _SOLVERS[backend](
-    OTProblem(x, y, a, b), eps, tol, f0, g0, max_iter=max_iter, chunk_size=chunk_size
-  )
+  problem = OTProblem(x, y, a, b)
+  if backend == "multiscale":
+    return _multiscale_sinkhorn(
+      problem,
+      eps,
+      tol,
+      f0,
+      g0,
+      jnp.asarray(truncate, x.dtype),
+      max_iter=max_iter,
+      chunk_size=chunk_size,
+      block_size=block_size,
+      tile_fraction=float(tile_fraction),
+    )
+  return _dense_sinkhorn(problem, eps, tol, f0, g0, max_iter=max_iter, chunk_size=chunk_size)
 
 
 @functools.partial(jax.jit, static_argnames=("max_iter", "chunk_size"))
@@ -149,10 +183,120 @@ def _dense_sinkhorn(problem: OTProblem, eps, tol, f0, g0, *, max_iter, chunk_siz
     iterations=k,
     marginal_violation=nan(viol),
     converged=ok & (viol <= tol),
+    dense_fallbacks=jnp.int32(0),
+    kept_tile_fraction=jnp.asarray(1.0, x.dtype),
     backend="dense",
   )
 
 
-# One entry per backend of gsae_jax.ot.problem.BACKENDS: (problem, ε, tol, f0, g0, *, max_iter,
-# chunk_size) -> SinkhornOutput.
-_SOLVERS = {"dense": _dense_sinkhorn}
+@functools.partial(
+  jax.jit, static_argnames=("max_iter", "chunk_size", "block_size", "tile_fraction")
+)
+def _multiscale_sinkhorn(
+  problem: OTProblem,
+  eps,
+  tol,
+  f0,
+  g0,
+  truncate,
+  *,
+  max_iter,
+  chunk_size,
+  block_size,
+  tile_fraction,
+):
+  # The dense solver's loop and outputs with true potentials in block layout and block-sparse
+  # softmins; each softmin's tiles are chosen from the potentials of its rows and columns.
+  a, b = problem.a, problem.b
+  sa, sb = jnp.sum(a), jnp.sum(b)
+  ok = validation.in_graph_ok(
+    (eps > 0) & jnp.isfinite(eps),
+    (tol > 0) & jnp.isfinite(tol),
+    (truncate > 0) & jnp.isfinite(truncate),
+    jnp.isfinite(f0),
+    jnp.isfinite(g0),
+    jnp.abs(sa - sb) <= validation.MASS_RTOL * jnp.maximum(sa, sb),
+  )
+  c = problem.centered()
+  x, y = c.x, c.y
+  bx = multiscale.make_blocks(sg(x), sg(problem.log_a), block_size)
+  by = multiscale.make_blocks(sg(y), sg(problem.log_b), block_size)
+  nbx, nby = bx.valid.shape[0], by.valid.shape[0]
+  cap_x = _capacity_from_fraction(nbx, nby, tile_fraction)  # rows x, columns y
+  cap_y = _capacity_from_fraction(nby, nbx, tile_fraction)
+  eps_s = sg(jnp.where(ok, eps, 1.0))  # a bad ε runs no loop (the outputs are NaN)
+  tol_s = jnp.where(ok, tol, jnp.inf)
+  trunc = jnp.where(ok, truncate, 1.0)
+
+  def smin_x(g, f_est, stats):  # f̃ on x from g on y
+    return _fine_softmin(bx, by, f_est, g, eps_s, trunc, cap_x, chunk_size, stats)
+
+  def smin_y(f, g_est, stats):  # g̃ on y from f on x
+    return _fine_softmin(by, bx, g_est, f, eps_s, trunc, cap_y, chunk_size, stats)
+
+  def viol_of(f, f_next):
+    return mass_violation(bx.log_weights, f, f_next, eps_s)
+
+  # The carry as in the dense solver: (f, g), the f-update f̃ that g implies, the violation of
+  # the plan (f, g) measured with it, and the tile statistics.
+  def cond(carry):
+    k, _, _, _, viol, _ = carry
+    return (k < max_iter) & (viol > tol_s)
+
+  def body(carry):
+    k, _, g, f_next, _, stats = carry
+    g_new, stats = smin_y(f_next, g, stats)
+    f_after, stats = smin_x(g_new, f_next, stats)
+    return k + 1, f_next, g_new, f_after, viol_of(f_next, f_after), stats
+
+  dtype = x.dtype
+  stats0 = _Stats(jnp.int32(0), jnp.asarray(0, dtype), jnp.asarray(0, dtype))
+  fb0, gb0 = multiscale.to_blocks(bx, sg(f0)), multiscale.to_blocks(by, sg(g0))
+  f_next0, stats0 = smin_x(gb0, fb0, stats0)
+  carry0 = (jnp.int32(0), fb0, gb0, f_next0, viol_of(fb0, f_next0), stats0)
+  k, fb, gb, _, _, stats = jax.lax.while_loop(cond, body, carry0)
+  fb, gb = sg(fb), sg(gb)
+
+  # Row marginal and transport cost of the plan (f, g) over its relevant tiles.
+  tiles = multiscale.select_tiles(bx, by, fb, gb, eps_s, trunc, cap_x)
+
+  def sparse_cost(_):
+    return multiscale.block_sparse_row_cost(bx, by, gb, eps_s, tiles, f_estimate=fb)
+
+  def dense_cost(_):
+    pts, lw = (t.reshape(-1, t.shape[-1]) for t in (by.points, by.log_weights[..., None]))
+    rows = bx.points.reshape(-1, bx.points.shape[-1])
+    hy2 = 0.5 * jnp.sum(pts * pts, axis=1)
+    feats = jnp.concatenate([pts, hy2[:, None]], axis=1)
+    h = lw[:, 0] + (jnp.where(by.valid.reshape(-1), gb.reshape(-1), 0.0) - hy2) / eps_s
+    ft, mean = softmin_with_mean_kernel(rows, pts, h, eps_s, feats, chunk_size)
+    hx2 = 0.5 * jnp.sum(rows * rows, axis=1)
+    cost = hx2 + mean[:, -1] - jnp.sum(rows * mean[:, :-1], axis=1)
+    return (ft + hx2).reshape(fb.shape), cost.reshape(fb.shape)
+
+  ft, cost_rows = jax.lax.cond(multiscale.overflowed(tiles), dense_cost, sparse_cost, None)
+  a_blk = multiscale.to_blocks(bx, sg(a))
+  row_mass = jnp.where(bx.valid, a_blk * jnp.exp((fb - ft) / eps_s), 0.0)
+  viol = jnp.sum(jnp.abs(row_mass - a_blk))
+  transport = jnp.sum(row_mass * cost_rows)
+
+  # Envelope-differentiable dual value: one more softmin per side with the live points as
+  # rows (columns and potentials stopped), as the divergence's final extrapolation.
+  live_x = bx._replace(points=multiscale.to_blocks(bx, x))
+  live_y = by._replace(points=multiscale.to_blocks(by, y))
+  f_ext, stats = _fine_softmin(live_x, by, fb, gb, eps, trunc, cap_x, chunk_size, stats)
+  g_ext, stats = _fine_softmin(live_y, bx, gb, fb, eps, trunc, cap_y, chunk_size, stats)
+  reg = jnp.sum(multiscale.to_blocks(bx, a) * f_ext) + jnp.sum(multiscale.to_blocks(by, b) * g_ext)
+  nan = lambda v: jnp.where(ok, v, jnp.nan)
+  return SinkhornOutput(
+    f=nan(multiscale.from_blocks(bx, fb)),
+    g=nan(multiscale.from_blocks(by, gb)),
+    reg_ot_cost=nan(reg),
+    transport_cost=nan(transport),
+    iterations=k,
+    marginal_violation=nan(viol),
+    converged=ok & (viol <= tol),
+    dense_fallbacks=stats.fallbacks,
+    kept_tile_fraction=stats.kept / jnp.maximum(stats.total, 1),
+    backend="multiscale",
+  )

@@ -1021,6 +1021,13 @@ def block_sparse_softmin(
     cells a caller marked empty) are not the caller's: they hold ``f_estimate`` (or 0), have
     zero gradient and need no tile; :func:`from_blocks` drops padding.
   """
+  args = _softmin_args(bx, by, g_blocks, eps, tiles, tiles_per_chunk, f_estimate)
+  return _tiled_softmin(*args, bool(column_grad))
+
+
+def _softmin_args(bx: Blocks, by: Blocks, g_blocks, eps, tiles: TileList, tiles_per_chunk, f_est):
+  """Checks the arguments of :func:`block_sparse_softmin` and returns those of
+  :func:`_tiled_softmin` up to ``column_grad``."""
   x, y = bx.points, by.points
   if x.ndim != 3 or y.ndim != 3 or x.shape[2] != y.shape[2]:
     raise ValueError(f"`bx`/`by` points must be [nb, B, d] alike, got {x.shape} and {y.shape}.")
@@ -1037,11 +1044,11 @@ def block_sparse_softmin(
   g = jnp.where(by.valid, jnp.asarray(g_blocks, dtype), 0.0)
   h = jnp.where(by.valid, by.log_weights.astype(dtype) + g / eps, -jnp.inf)
   centers = jax.lax.stop_gradient(0.5 * (bx.lo + bx.hi)).astype(dtype)
-  if f_estimate is not None:
-    if f_estimate.shape != bx.valid.shape:
-      raise ValueError(f"`f_estimate` must have shape {bx.valid.shape}, got {f_estimate.shape}.")
-    f_estimate = jax.lax.stop_gradient(jnp.asarray(f_estimate, dtype))
-  return _tiled_softmin(
+  if f_est is not None:
+    if f_est.shape != bx.valid.shape:
+      raise ValueError(f"`f_estimate` must have shape {bx.valid.shape}, got {f_est.shape}.")
+    f_est = jax.lax.stop_gradient(jnp.asarray(f_est, dtype))
+  return (
     x,
     y.astype(dtype),
     h,
@@ -1050,8 +1057,47 @@ def block_sparse_softmin(
     tiles.rows,
     tiles.cols,
     tiles.count,
-    f_estimate,
+    f_est,
     bx.valid,
     chunk,
-    bool(column_grad),
   )
+
+
+def block_sparse_row_cost(
+  bx: Blocks,
+  by: Blocks,
+  g_blocks: jax.Array,
+  eps,
+  tiles: TileList,
+  tiles_per_chunk: int | None = None,
+  f_estimate: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """:func:`block_sparse_softmin` and the transport cost per row of its row-normalised plan.
+
+  The softmin ``f̃`` and the cost ``c`` of each row's normalised plan,
+
+      f̃_i = −ε log Σ_j b_j e^{(g_j − C_ij)/ε},   c_i = Σ_j b_j e^{(g_j + f̃_i − C_ij)/ε} C_ij,
+
+  both over the listed tiles (``C = ½‖x − y‖²``). A plan ``P_ij = a_i b_j e^{(f_i + g_j −
+  C_ij)/ε}`` then has row masses ``a_i e^{(f_i − f̃_i)/ε}`` and transport cost
+  ``Σ_i a_i e^{(f_i − f̃_i)/ε} c_i``. Two passes over the tiles (the softmin, then the sums
+  relative to its exact log-sum-exp); no gradient (stopped).
+
+  Args:
+    bx, by, g_blocks, eps, tiles, tiles_per_chunk, f_estimate: as :func:`block_sparse_softmin`.
+
+  Returns:
+    ``(f̃ [nbx, B_x], c [nbx, B_x])`` in ``bx``'s layout; padding rows hold ``f_estimate``
+    (or 0) and cost 0.
+  """
+  sg = jax.lax.stop_gradient
+  args = _softmin_args(sg(bx), sg(by), sg(g_blocks), sg(eps), tiles, tiles_per_chunk, f_estimate)
+  x, y, h, eps, centers, rows, cols, count, f_est, valid, chunk = args
+  out, lse_hat, _ = _forward(*args)
+  nbx, nby = x.shape[0], y.shape[0]
+  rs, cs = _chunks(rows, cols, count, nbx, nby, chunk)
+  live = valid & jnp.isfinite(lse_hat)
+  offset = jnp.where(live, lse_hat, 0.0)  # the exact log-sum-exp: every row sums to 1
+  x_c = x - centers[:, None, :]
+  _, _, _, pc = _row_sums_offset(x_c, y, h, 1.0 / eps, centers, rs, cs, count, offset, valid)
+  return out, jnp.where(live, pc, 0.0)

@@ -168,7 +168,17 @@ class DivergenceOutput:
 
 
 @_pytree(
-  data=("f", "g", "reg_ot_cost", "transport_cost", "iterations", "marginal_violation", "converged"),
+  data=(
+    "f",
+    "g",
+    "reg_ot_cost",
+    "transport_cost",
+    "iterations",
+    "marginal_violation",
+    "converged",
+    "dense_fallbacks",
+    "kept_tile_fraction",
+  ),
   meta=("backend",),
 )
 class SinkhornOutput:
@@ -183,6 +193,10 @@ class SinkhornOutput:
     marginal_violation: ``Σ_i |(P 1)_i − a_i|`` at the returned potentials (the column
       marginal is exact after the final g-update).
     converged: ``marginal_violation ≤ tol``.
+    dense_fallbacks: ``multiscale``: the number of softmins whose kept tiles overflowed the
+      tile list's capacity and which therefore ran densely (exact, slower); 0 for ``dense``.
+    kept_tile_fraction: ``multiscale``: kept tiles over all tiles, averaged over the
+      block-sparse softmins; 1 for ``dense``.
     backend: the backend that ran.
   """
 
@@ -193,4 +207,6 @@ class SinkhornOutput:
   iterations: jax.Array
   marginal_violation: jax.Array
   converged: jax.Array
+  dense_fallbacks: jax.Array
+  kept_tile_fraction: jax.Array
   backend: str = "dense"

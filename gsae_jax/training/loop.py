@@ -223,6 +223,9 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, floa
       idx = jax.lax.dynamic_slice_in_dim(perm, pos * gcfg.batch_size, gcfg.batch_size)
       state, out = step_fn(state, idx, jax.random.fold_in(k_train, step))
       done = step + 1
+      if step == start:  # the rate and ETA count from the first step's end: not its compile
+        jax.block_until_ready(out)
+        t0 = time.time()
       if (
         time.time() - last_log > config.log_every_s
         or done % config.eval_every == 0
@@ -232,12 +235,13 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, floa
         if not all(math.isfinite(v) for v in last.values()):
           save()
           raise FloatingPointError(f"non-finite loss at step {done}: {last}")
-        rate = (done - start) / (time.time() - t0)
-        eta = (total_steps - done) / max(rate, 1e-9)
+        speed = "first step (compiled)"
+        if done > start + 1:
+          rate = (done - start - 1) / max(time.time() - t0, 1e-9)
+          speed = f"{rate:.2f} steps/s ETA {(total_steps - done) / rate / 60:.1f} min"
         _log(
           f"gsae: step {done}/{total_steps} epoch {epoch + 1} loss {last['loss']:.5f} "
-          f"D {last['reconstruction']:.5f} S {last['sinkhorn']:.5f} "
-          f"{rate:.2f} steps/s ETA {eta / 60:.1f} min"
+          f"D {last['reconstruction']:.5f} S {last['sinkhorn']:.5f} {speed}"
         )
         last_log = time.time()
       if done % config.eval_every == 0 and done != total_steps:
