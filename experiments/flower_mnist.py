@@ -47,6 +47,7 @@ flags.DEFINE_integer("n_train", None, "Class-balanced training subset size.")
 flags.DEFINE_integer("n_test", None, "Class-balanced test subset size.")
 flags.DEFINE_integer("seed", _D.seed, "Root PRNG seed.")
 flags.DEFINE_integer("eval_every", _D.eval_every, "Steps between evaluations/checkpoints.")
+flags.DEFINE_float("log_every_s", _D.log_every_s, "Seconds between progress lines on stderr.")
 flags.DEFINE_string("workdir", None, "Output directory (resumes if it holds a checkpoint).")
 flags.mark_flag_as_required("workdir")
 
@@ -74,6 +75,7 @@ def main(argv):
       n_test=FLAGS.n_test,
       seed=FLAGS.seed,
       eval_every=FLAGS.eval_every,
+      log_every_s=FLAGS.log_every_s,
     )
   except ValueError as e:
     raise app.UsageError(str(e)) from e

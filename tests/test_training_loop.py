@@ -1,6 +1,7 @@
 """The train/evaluate loop and the flower_mnist entry point on a tiny configuration."""
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -65,6 +66,43 @@ def test_config_mismatch_on_resume_is_an_error(tmp_path):
   train_and_evaluate(ExperimentConfig(**{**TINY, "eval_every": 4}), str(tmp_path))
   with pytest.raises(ValueError, match="different config"):
     train_and_evaluate(ExperimentConfig(**{**TINY, "seed": 1}), str(tmp_path))
+
+
+def test_non_finite_loss_stops_the_run_and_saves_nothing(tmp_path):
+  # λ = 1e38 overflows the gradient at once; the first check (step 2) must stop the run
+  # before its evaluation would checkpoint the NaN state.
+  with pytest.raises(FloatingPointError, match="non-finite loss at step 2.*Nothing was saved"):
+    train_and_evaluate(ExperimentConfig(**{**TINY, "lam": 1e38}), str(tmp_path))
+  assert not checkpointing.exists(tmp_path)
+
+
+def test_sigterm_saves_a_checkpoint(tmp_path):
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.flower_mnist",
+    "--variant=local",
+    "--n_train=200",
+    "--n_test=100",
+    "--batch_size=50",
+    "--epochs=100000",
+    "--eval_every=1000000",
+    "--log_every_s=0",
+    f"--workdir={tmp_path}",
+  ]
+  proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+  try:
+    for line in proc.stderr:  # wait until steps run
+      if line.startswith("gsae: step 3/"):
+        break
+    proc.send_signal(signal.SIGTERM)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) != 0
+  finally:
+    proc.kill()
+  assert "interrupted; checkpoint at step" in err
+  header = json.loads((tmp_path / checkpointing.HEADER).read_text())
+  assert header["step"] >= 3
 
 
 def test_resume_accepts_a_setting_added_later_at_its_default(tmp_path):

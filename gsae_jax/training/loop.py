@@ -5,7 +5,7 @@ Data go to the device once; each step is one call of the jitted step built by
 Everything lands in ``workdir``: ``config.json``, ``metrics.jsonl`` (one line per evaluation),
 ``metrics.json`` (final), ``latents.png``, ``samples.png``, ``reconstructions.png``,
 ``curves.png`` and a checkpoint after every
-evaluation (and on Ctrl-C) from which a rerun resumes.
+evaluation (and on Ctrl-C or SIGTERM) from which a rerun resumes.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import dataclasses
 import json
 import math
 import pathlib
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -102,6 +104,14 @@ def _defaults() -> dict[str, Any]:
   }
 
 
+def _interrupt(signum, frame):
+  raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _all_finite(tree) -> bool:
+  return all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(tree))
+
+
 def _log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
@@ -124,7 +134,8 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, floa
   """Trains a GSAE as ``config`` says, evaluating and checkpointing into ``workdir``.
 
   Resumes from ``workdir``'s checkpoint when there is one (the config must match). Ctrl-C
-  saves a checkpoint before exiting.
+  and SIGTERM save a checkpoint before exiting (unless the state is no longer finite); a
+  non-finite loss stops the run with its step number and saves nothing.
 
   Returns:
     The final five metrics (keys of :data:`gsae_jax.metrics.METRIC_NAMES`).
@@ -215,6 +226,9 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, floa
   start = int(state.step)
   t0 = last_log = time.time()
   last = {}
+  # A `kill` (SIGTERM; background jobs ignore Ctrl-C) checkpoints like Ctrl-C does.
+  in_main = threading.current_thread() is threading.main_thread()  # signal needs the main one
+  previous_sigterm = signal.signal(signal.SIGTERM, _interrupt) if in_main else None
   try:
     for step in range(start, total_steps):
       epoch, pos = divmod(step, steps_per_epoch)
@@ -233,8 +247,12 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, floa
       ):
         last = {k: float(v) for k, v in out.items()}
         if not all(math.isfinite(v) for v in last.values()):
-          save()
-          raise FloatingPointError(f"non-finite loss at step {done}: {last}")
+          # Saving would overwrite the last good checkpoint with a state that cannot recover.
+          raise FloatingPointError(
+            f"non-finite loss at step {done}: {last}. Nothing was saved: the checkpoint in "
+            f"{workdir} (if any) is the last evaluation step's. Lower --lam or the learning "
+            "rate, or use a new --workdir."
+          )
         speed = "first step (compiled)"
         if done > start + 1:
           rate = (done - start - 1) / max(time.time() - t0, 1e-9)
@@ -247,9 +265,15 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, floa
       if done % config.eval_every == 0 and done != total_steps:
         evaluate(last)
   except KeyboardInterrupt:
-    save()
-    _log(f"gsae: interrupted; checkpoint at step {int(state.step)} saved in {workdir}")
+    if _all_finite(state.params):
+      save()
+      _log(f"gsae: interrupted; checkpoint at step {int(state.step)} saved in {workdir}")
+    else:
+      _log(f"gsae: interrupted at a non-finite state (step {int(state.step)}); nothing saved")
     raise
+  finally:
+    if previous_sigterm is not None:
+      signal.signal(signal.SIGTERM, previous_sigterm)
 
   if not records or records[-1]["step"] != int(state.step):
     evaluate(last)
