@@ -94,15 +94,18 @@ def main(argv):
     "full_global": FLAGS.lam_full_global,
   }
   command = "python -m experiments.paper_tables " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-  results = run_table(
-    base,
-    FLAGS.workdir,
-    variants=FLAGS.variants,
-    seeds=_seeds(FLAGS.seeds),
-    lams={k: v for k, v in lams.items() if v is not None},
-    sweep_lams=sweep or None,
-    command=command,
-  )
+  try:
+    results = run_table(
+      base,
+      FLAGS.workdir,
+      variants=FLAGS.variants,
+      seeds=_seeds(FLAGS.seeds),
+      lams={k: v for k, v in lams.items() if v is not None},
+      sweep_lams=sweep or None,
+      command=command,
+    )
+  except ValueError as e:  # bad variants / seeds / λ grid, or a workdir from another config
+    raise app.UsageError(str(e)) from e
   done = sum(r.metrics is not None for r in results)
   print(
     f"paper_tables: {done}/{len(results)} runs finished "

@@ -103,9 +103,17 @@ def test_lambda_sweep_ranks_by_global_ot_and_records_failures(tmp_path):
 
 def test_entry_point_rejects_bad_flags(tmp_path):
   base = [sys.executable, "-m", "experiments.paper_tables", f"--workdir={tmp_path}"]
-  for flag, word in (("--variants=local,bogus", "bogus"), ("--seeds=x", "seeds")):
+  for flag, word in (
+    ("--variants=local,bogus", "bogus"),
+    ("--seeds=x", "seeds"),
+    ("--variants=", "`variants` must not be empty"),
+    ("--seeds=0,0", "`seeds` repeats [0]"),
+    ("--variants=local,local", "`variants` repeats ['local']"),
+    ("--sweep_lam=0.1,0.1", "`sweep_lams` repeats [0.1]"),
+  ):
     out = subprocess.run(base + [flag], capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0 and word in out.stderr
+    assert out.returncode != 0 and word in out.stderr, (flag, out.stderr[-500:])
+  assert not (tmp_path / "results.md").exists()
 
 
 def test_finished_run_with_other_settings_is_not_reused(tmp_path):

@@ -99,12 +99,17 @@ def run_table(
     is recorded with its error and the sweep goes on; Ctrl-C stops the sweep.
   """
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   for v in variants:
     if v not in VARIANTS:
       raise ValueError(f"unknown variant {v!r}; expected a subset of {VARIANTS}.")
-  if not seeds:
-    raise ValueError("`seeds` must not be empty.")
+  for what, values in (("variants", variants), ("seeds", seeds), ("sweep_lams", sweep_lams)):
+    values = list(values or ())
+    if what != "sweep_lams" and not values:
+      raise ValueError(f"`{what}` must not be empty.")
+    dupes = sorted({v for v in values if values.count(v) > 1}, key=str)
+    if dupes:  # a run counted twice would fake a seed spread ("n=2", "± 0")
+      raise ValueError(f"`{what}` repeats {dupes}: each run must appear once.")
+  workdir.mkdir(parents=True, exist_ok=True)
   plan = []
   for v in variants:
     lam_list = list(sweep_lams) if sweep_lams else [(lams or {}).get(v)]
