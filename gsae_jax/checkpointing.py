@@ -13,6 +13,8 @@ import os
 import pathlib
 from typing import Any
 
+import jax
+import numpy as np
 from flax import serialization
 
 CHECKPOINT = "checkpoint.msgpack"
@@ -52,12 +54,31 @@ def restore(workdir: str | os.PathLike, template: Any) -> tuple[Any, dict]:
   value for it; any other difference in structure is an error.
   """
   workdir = pathlib.Path(workdir)
-  raw = serialization.msgpack_restore((workdir / CHECKPOINT).read_bytes())
-  expected = serialization.to_state_dict(template)
-  if isinstance(raw, dict) and isinstance(expected, dict):
-    for name in ADDED_FIELDS.keys() & (expected.keys() - raw.keys()):
-      raw[name] = expected[name]
-  state = serialization.from_state_dict(template, raw)
-  header_path = workdir / HEADER
-  header = json.loads(header_path.read_text()) if header_path.is_file() else {}
+  path, header_path = workdir / CHECKPOINT, workdir / HEADER
+  advice = "delete it (and checkpoint.json) to start over, or use another --workdir"
+  try:
+    raw = serialization.msgpack_restore(path.read_bytes())
+    expected = serialization.to_state_dict(template)
+    if isinstance(raw, dict) and isinstance(expected, dict):
+      for name in ADDED_FIELDS.keys() & (expected.keys() - raw.keys()):
+        raw[name] = expected[name]
+    state = serialization.from_state_dict(template, raw)
+  except Exception as e:  # noqa: BLE001 — msgpack and flax raise many types for a bad file
+    raise ValueError(f"corrupt or incompatible checkpoint {path} ({e}); {advice}.") from e
+  try:
+    header = json.loads(header_path.read_text()) if header_path.is_file() else {}
+  except (OSError, ValueError) as e:
+    raise ValueError(f"corrupt checkpoint header {header_path} ({e}); {advice}.") from e
+  bad = [k for k, leaf in _leaves(state) if not np.all(np.isfinite(leaf))]
+  if bad:  # a NaN state can only fail again
+    raise ValueError(f"checkpoint {path} holds non-finite values (in {bad[:3]}); {advice}.")
   return state, header
+
+
+def _leaves(state):
+  flat = jax.tree_util.tree_flatten_with_path(state)[0]
+  return [
+    (jax.tree_util.keystr(k), np.asarray(v))
+    for k, v in flat
+    if np.issubdtype(np.asarray(v).dtype, np.floating)
+  ]

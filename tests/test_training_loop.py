@@ -76,6 +76,26 @@ def test_non_finite_loss_stops_the_run_and_saves_nothing(tmp_path):
   assert not checkpointing.exists(tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["truncate", "nan", "header"])
+def test_damaged_checkpoint_is_reported_by_path(tmp_path, damage):
+  train_and_evaluate(ExperimentConfig(**TINY), str(tmp_path))
+  ckpt = tmp_path / checkpointing.CHECKPOINT
+  if damage == "truncate":
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    path, match = ckpt, "corrupt or incompatible checkpoint"
+  elif damage == "nan":
+    state, header = checkpointing.restore(tmp_path, _template(tmp_path))
+    state["params"] = jax.tree.map(lambda v: v * np.nan, state["params"])
+    checkpointing.save(tmp_path, state, header)
+    path, match = ckpt, "non-finite values"
+  else:
+    (tmp_path / checkpointing.HEADER).write_text("{not json")
+    path, match = tmp_path / checkpointing.HEADER, "corrupt checkpoint header"
+  with pytest.raises(ValueError, match=match) as err:
+    train_and_evaluate(ExperimentConfig(**{**TINY, "epochs": 2}), str(tmp_path))
+  assert str(path) in str(err.value) and "delete it" in str(err.value)
+
+
 def test_sigterm_saves_a_checkpoint(tmp_path):
   cmd = [
     sys.executable,
