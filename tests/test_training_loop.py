@@ -96,6 +96,13 @@ def test_damaged_checkpoint_is_reported_by_path(tmp_path, damage):
   assert str(path) in str(err.value) and "delete it" in str(err.value)
 
 
+def test_a_test_set_the_metrics_cannot_use_fails_before_training(tmp_path):
+  # 5 test images: too few for the metrics' neighbourhoods; found before the first step.
+  with pytest.raises(ValueError, match="cannot be evaluated.*nothing was trained"):
+    train_and_evaluate(ExperimentConfig(**{**TINY, "n_test": 5}), str(tmp_path))
+  assert not checkpointing.exists(tmp_path)
+
+
 def test_sigterm_saves_a_checkpoint(tmp_path):
   cmd = [
     sys.executable,

@@ -199,6 +199,16 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, floa
   recon_idx = np.concatenate(
     [np.flatnonzero(np.asarray(data.test_labels) == c)[:2] for c in range(10)]
   )[:20]
+  # Pre-flight: the five metrics on the current latents, so that a test set the metrics cannot
+  # use (labels outside 0..9, too few images) fails now, not after hours of training.
+  try:
+    metrics.evaluate_latents(
+      k_eval, encode_fn(state.params["encoder"], test_images), data.test_labels
+    )
+  except ValueError as e:
+    raise ValueError(
+      f"the test set of {config.dataset!r} cannot be evaluated ({e}); nothing was trained."
+    ) from e
 
   def evaluate(train_metrics):
     z = encode_fn(state.params["encoder"], test_images)
