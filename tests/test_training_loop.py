@@ -103,6 +103,27 @@ def test_a_test_set_the_metrics_cannot_use_fails_before_training(tmp_path):
   assert not checkpointing.exists(tmp_path)
 
 
+def test_resume_refuses_fewer_epochs_or_a_missing_config(tmp_path):
+  train_and_evaluate(ExperimentConfig(**{**TINY, "epochs": 2}), str(tmp_path))  # 8 steps
+  saved = (tmp_path / "config.json").read_text()
+  with pytest.raises(ValueError, match="already holds 8 steps.*at least 2 epochs"):
+    train_and_evaluate(ExperimentConfig(**TINY), str(tmp_path))
+  assert (tmp_path / "config.json").read_text() == saved  # not rewritten by the refused run
+  (tmp_path / "config.json").unlink()
+  with pytest.raises(ValueError, match="no config.json"):
+    train_and_evaluate(ExperimentConfig(**{**TINY, "epochs": 2}), str(tmp_path))
+
+
+def test_metrics_lines_written_after_the_checkpoint_are_not_duplicated(tmp_path):
+  train_and_evaluate(ExperimentConfig(**TINY), str(tmp_path))  # records at steps 2, 4
+  with open(tmp_path / "metrics.jsonl", "a") as f:  # a line the checkpoint never saw
+    f.write(json.dumps({"step": 6}) + "\n")
+  train_and_evaluate(ExperimentConfig(**{**TINY, "epochs": 2}), str(tmp_path))
+  steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+  assert steps == [2, 4, 6, 8]
+  assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[2])["reconstruction"] > 0
+
+
 def test_sigterm_saves_a_checkpoint(tmp_path):
   cmd = [
     sys.executable,

@@ -145,7 +145,12 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, floa
   cfg_path = workdir / "config.json"
   cfg_dict = dataclasses.asdict(config)
   resuming = checkpointing.exists(workdir)
-  if resuming and cfg_path.is_file():
+  if resuming and not cfg_path.is_file():
+    raise ValueError(
+      f"{workdir} holds a checkpoint but no config.json, so the settings it was trained with "
+      "are unknown; put its config.json back, or use another --workdir (or delete this one)."
+    )
+  if resuming:
     saved = json.loads(cfg_path.read_text())
     # A setting added after the run started ran at its default (the behaviour before it).
     saved = {**_defaults(), **saved}
@@ -159,7 +164,6 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, floa
         f"{workdir} holds a run with a different config {diff} (saved, asked); "
         "use another --workdir or delete it."
       )
-  cfg_path.write_text(json.dumps(cfg_dict, indent=2))
 
   data = load_dataset(
     config.dataset, n_train=config.n_train, n_test=config.n_test, seed=config.seed
@@ -186,7 +190,16 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, floa
   if resuming:
     state, header = checkpointing.restore(workdir, state)
     records = header.get("records", [])
+    if int(state.step) > total_steps:
+      raise ValueError(
+        f"{workdir} already holds {int(state.step)} steps, more than the {total_steps} of "
+        f"--epochs={config.epochs}; ask for at least "
+        f"{-(-int(state.step) // steps_per_epoch)} epochs, or use another --workdir."
+      )
+    # The checkpoint's records are the run's history: lines written after it are dropped.
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     _log(f"gsae: resumed from step {int(state.step)}")
+  cfg_path.write_text(json.dumps(cfg_dict, indent=2))  # only once the run may go on
   step_fn = make_train_step(model, gcfg, images)
 
   def save():
