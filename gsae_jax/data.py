@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import operator
 import os
+import socket
 import struct
 from pathlib import Path
 from typing import NamedTuple
@@ -305,6 +306,18 @@ def _load_idx_dir(directory: Path) -> tuple[Split, Split]:
 # ---------------------------------------------------------------- TensorFlow Datasets
 
 
+_TFDS_HOST = "storage.googleapis.com"
+
+
+def _reachable(host: str, timeout_s: float = 5.0) -> bool:
+  """Whether a TCP connection to ``host:443`` opens within ``timeout_s``."""
+  try:
+    socket.create_connection((host, 443), timeout=timeout_s).close()
+    return True
+  except OSError:
+    return False
+
+
 def _load_tfds(name: str) -> tuple[Split, Split]:
   try:
     tfds = importlib.import_module("tensorflow_datasets")
@@ -316,7 +329,15 @@ def _load_tfds(name: str) -> tuple[Split, Split]:
   splits = []
   for split in ("train", "test"):
     try:
-      source = tfds.data_source(name, split=split)
+      try:
+        source = tfds.data_source(name, split=split, download=False)
+      except Exception:  # not prepared here: TFDS downloads it, retrying for minutes offline
+        if not _reachable(_TFDS_HOST):
+          raise RuntimeError(
+            f"TFDS '{name}' is not prepared on this machine and {_TFDS_HOST} (where TFDS "
+            "downloads it from) cannot be reached: this machine looks offline"
+          ) from None
+        source = tfds.data_source(name, split=split)
     except Exception as err:  # TFDS raises many kinds: download, missing module, bad files
       raise RuntimeError(
         f"could not open TFDS '{name}' split '{split}': TFDS prepares it on first use, which "

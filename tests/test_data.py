@@ -1,9 +1,11 @@
 """Data loading: embedded MNIST 5k split, IDX parsing (synthetic files), TFDS (mocked), errors."""
 
 import gzip
+import importlib
 import os
 import struct
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -253,3 +255,20 @@ def test_tfds_unprepared_offline_gives_clear_error(monkeypatch):
   monkeypatch.setattr(tfds, "data_source", no_network)
   with pytest.raises(RuntimeError, match=r"TFDS 'mnist' split 'train'.*Offline, use 'mnist5k'"):
     data.load_dataset("tfds:mnist")
+
+
+def test_tfds_in_the_installed_environment_fails_fast_offline(monkeypatch, tmp_path):
+  # No mock: the real TFDS with an empty data dir. Its runtime imports are installed (the
+  # missing `importlib_resources` used to be the error), and offline the error comes at once
+  # instead of after minutes of download retries.
+  tfds = pytest.importorskip("tensorflow_datasets")
+  importlib.import_module("importlib_resources")
+  if data._reachable(data._TFDS_HOST, timeout_s=2.0):
+    pytest.skip("online: TFDS would download MNIST")
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+  assert not tfds.builder("mnist", data_dir=str(tmp_path)).is_prepared()
+  t0 = time.perf_counter()
+  with pytest.raises(RuntimeError, match="not prepared on this machine.*looks offline") as err:
+    data.load_dataset("tfds:mnist")
+  assert time.perf_counter() - t0 < 60
+  assert "ModuleNotFoundError" not in str(err.value)
