@@ -66,16 +66,16 @@ def run_one(
   ).gsae()
   model = make_autoencoder(arch, 2)
   state = init_state(jax.random.key(0), model, config, images)
-  step = make_train_step(model, config, images)
+  step = make_train_step(model, config)
   key = jax.random.key(1)
   idx = lambda s: (jnp.arange(config.batch_size) + s * config.batch_size) % n
   t0 = time.perf_counter()
-  state, out = step(state, idx(0), jax.random.fold_in(key, 0))
+  state, out = step(state, images, idx(0), jax.random.fold_in(key, 0))
   jax.block_until_ready(out)
   first = time.perf_counter() - t0
   t0 = time.perf_counter()
   for s in range(1, steps + 1):
-    state, out = step(state, idx(s), jax.random.fold_in(key, s))
+    state, out = step(state, images, idx(s), jax.random.fold_in(key, s))
   jax.block_until_ready(out)
   per_step = (time.perf_counter() - t0) / steps
   peak_step = peak_rss_mb()  # before the parts, whose encoder VJP keeps all activations

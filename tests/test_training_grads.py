@@ -155,3 +155,19 @@ def test_warm_iters_needs_a_global_variant_and_a_kept_prior():
     GSAEConfig(variant="full_global", ot_warm_iters=2)
   with pytest.raises(ValueError, match="ot_warm_iters"):
     GSAEConfig(ot_warm_iters=-1)
+
+
+def test_train_step_takes_the_images_as_an_argument():
+  # Closed-over images would be embedded in the compiled program as a constant (hundreds of
+  # MB of HLO at n = 60 000); as an argument they are a parameter of it.
+  from gsae_jax.training.gsae import make_train_step
+
+  images = jax.random.uniform(jax.random.key(1), (2000, 28, 28, 1))
+  model = make_autoencoder("mlp", 2)
+  config = GSAEConfig(variant="full_global", encode_chunk=500)
+  state = init_state(jax.random.key(0), model, config, images)
+  step = make_train_step(model, config)
+  hlo = step.lower(state, images, jnp.arange(100), jax.random.key(2)).as_text()
+  assert len(hlo) < images.nbytes / 10  # 6.3 MB of pixels; the program alone is far smaller
+  new, out = step(state, images, jnp.arange(100), jax.random.key(2))
+  assert int(new.step) == 1 and np.isfinite(float(out["loss"]))

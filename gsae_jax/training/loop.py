@@ -200,7 +200,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, floa
     (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     _log(f"gsae: resumed from step {int(state.step)}")
   cfg_path.write_text(json.dumps(cfg_dict, indent=2))  # only once the run may go on
-  step_fn = make_train_step(model, gcfg, images)
+  step_fn = make_train_step(model, gcfg)
 
   def save():
     checkpointing.save(workdir, state, {"step": int(state.step), "records": records})
@@ -258,7 +258,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, floa
       if pos == 0 or step == start:
         perm = jax.random.permutation(jax.random.fold_in(k_data, epoch), n)
       idx = jax.lax.dynamic_slice_in_dim(perm, pos * gcfg.batch_size, gcfg.batch_size)
-      state, out = step_fn(state, idx, jax.random.fold_in(k_train, step))
+      state, out = step_fn(state, images, idx, jax.random.fold_in(k_train, step))
       done = step + 1
       if step == start:  # the rate and ETA count from the first step's end: not its compile
         jax.block_until_ready(out)
