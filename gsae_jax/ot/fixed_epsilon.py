@@ -58,8 +58,9 @@ def sinkhorn(
   ``"auto"`` picks it as :func:`gsae_jax.ot.resolve_backend` does (d ≤ 3 and
   ``n·m ≥ AUTO_MULTISCALE_PAIRS``). Gradients are envelope gradients in both backends.
 
-  ``x, y, a, b, epsilon, tol`` and ``init`` are traced (a new ε does not recompile);
-  ``max_iter``, ``chunk_size`` and ``backend`` are static. Bad shapes, a non-scalar or
+  ``x, y, a, b, epsilon, tol, truncate`` and ``init`` are traced (a new ε does not
+  recompile); ``max_iter``, ``chunk_size``, ``backend``, ``block_size`` and ``tile_fraction``
+  are static. Bad shapes, a non-scalar or
   concrete non-positive/infinite ``epsilon``, non-finite concrete ``init`` and unequal masses
   raise ``ValueError``/``TypeError`` naming the argument; a traced ``epsilon`` or ``tol`` out
   of range, or a traced non-finite ``init``, makes every output NaN instead.

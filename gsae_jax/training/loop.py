@@ -288,11 +288,14 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, floa
       if done % config.eval_every == 0 and done != total_steps:
         evaluate(last)
   except KeyboardInterrupt:
-    if _all_finite(state.params):
-      save()
-      _log(f"gsae: interrupted; checkpoint at step {int(state.step)} saved in {workdir}")
-    else:
-      _log(f"gsae: interrupted at a non-finite state (step {int(state.step)}); nothing saved")
+    try:
+      if _all_finite(state.params):
+        save()
+        _log(f"gsae: interrupted; checkpoint at step {int(state.step)} saved in {workdir}")
+      else:
+        _log(f"gsae: interrupted at a non-finite state (step {int(state.step)}); nothing saved")
+    except RuntimeError as e:  # interrupted inside the step call: its input was donated
+      _log(f"gsae: interrupted mid-step, nothing saved ({e}); the last checkpoint is kept")
     raise
   finally:
     if previous_sigterm is not None:
