@@ -15,37 +15,24 @@ import sys
 
 from absl import app, flags
 
-from gsae_jax.models import ARCHS
-from gsae_jax.training.gsae import OT_BACKENDS, VARIANTS
+from gsae_jax.training import config_flags
+from gsae_jax.training.config_flags import config_from_flags, define_flags
+from gsae_jax.training.gsae import VARIANTS
 from gsae_jax.training.loop import ExperimentConfig
 from gsae_jax.training.tables import run_table
 
-_D = ExperimentConfig()
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("arch", _D.arch, list(ARCHS), "Encoder/decoder architecture.")
-flags.DEFINE_string("dataset", _D.dataset, "mnist5k | idx:DIR | tfds:mnist | tfds:fashion_mnist")
-flags.DEFINE_integer("n_train", None, "Class-balanced training subset size.")
-flags.DEFINE_integer("n_test", None, "Class-balanced test subset size.")
-flags.DEFINE_integer("epochs", 10, "Training epochs per run (paper: 50 MLP, 30 LeNet-5).")
+# The run settings (each run's variant, λ and seed come from the sweep flags below).
+_SETTINGS = define_flags(
+  ExperimentConfig, skip=("variant", "lam", "seed"), defaults={"epochs": 10, "eval_every": 200}
+)
+flags.adopt_module_key_flags(config_flags)  # listed by --help
 flags.DEFINE_list("seeds", ["3"], "A count N (seeds 0..N-1) or a list of seeds, e.g. 0,3,7.")
 flags.DEFINE_list("variants", list(VARIANTS), "Variants to train.")
 flags.DEFINE_float("lam_local", None, "λ of local (default: the paper's 0.1).")
 flags.DEFINE_float("lam_minibatch_global", None, "λ of minibatch_global (default: 100).")
 flags.DEFINE_float("lam_full_global", None, "λ of full_global (default: 0.1).")
 flags.DEFINE_list("sweep_lam", [], "λ grid: train every variant at each λ and rank them.")
-flags.DEFINE_float("blur", _D.blur, "Sinkhorn blur; ε = blur².")
-flags.DEFINE_float("scaling", _D.scaling, "ε-annealing ratio in (0, 1).")
-flags.DEFINE_integer("batch_size", _D.batch_size, "Minibatch size M.")
-flags.DEFINE_enum(
-  "ot_backend", _D.ot_backend, list(OT_BACKENDS), "OT engine backend (auto: multiscale when large)."
-)
-flags.DEFINE_integer(
-  "ot_warm_iters",
-  _D.ot_warm_iters,
-  "Global variants with resample_freq > 1: 0 = cold annealed OT every step (paper); k > 0 = "
-  "steps that keep the prior sample start from the last step's potentials (k updates at blur²).",
-)
-flags.DEFINE_integer("eval_every", 200, "Steps between evaluations/checkpoints of each run.")
 flags.DEFINE_string("workdir", None, "Root directory of the sweep (resumes).")
 flags.mark_flag_as_required("workdir")
 
@@ -73,19 +60,7 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(f"--sweep_lam must be numbers, got {FLAGS.sweep_lam}") from e
   try:
-    base = ExperimentConfig(
-      arch=FLAGS.arch,
-      epochs=FLAGS.epochs,
-      blur=FLAGS.blur,
-      scaling=FLAGS.scaling,
-      batch_size=FLAGS.batch_size,
-      ot_backend=FLAGS.ot_backend,
-      ot_warm_iters=FLAGS.ot_warm_iters,
-      dataset=FLAGS.dataset,
-      n_train=FLAGS.n_train,
-      n_test=FLAGS.n_test,
-      eval_every=FLAGS.eval_every,
-    )
+    base = config_from_flags(ExperimentConfig, _SETTINGS)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   lams = {

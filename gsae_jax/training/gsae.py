@@ -47,7 +47,8 @@ class GSAEConfig:
 
   Attributes:
     variant: one of :data:`VARIANTS`.
-    lam: weight λ of the Sinkhorn term.
+    lam: weight λ of the Sinkhorn term; ``None`` (default) takes the paper's λ of the
+      variant (:data:`DEFAULT_LAMBDA`), resolved here and nowhere else.
     blur, scaling: GeomLoss parameters of ``S`` (``ε = blur²``).
     batch_size: ``M``.
     recalculate_freq: re-encode the latent cache every this many steps (minibatch_global).
@@ -73,7 +74,7 @@ class GSAEConfig:
   """
 
   variant: str = "minibatch_global"
-  lam: float = 100.0
+  lam: float | None = None
   blur: float = 0.05
   scaling: float = 0.7
   batch_size: int = 100
@@ -94,12 +95,19 @@ class GSAEConfig:
     for name in ("batch_size", "recalculate_freq", "resample_freq", "encode_chunk"):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
-    if not (self.lam >= 0 and math.isfinite(self.lam)):
-      raise ValueError(f"`lam` must be a non-negative finite number, got {self.lam!r}.")
     if not (self.blur > 0 and math.isfinite(self.blur)):
       raise ValueError(f"`blur` must be a positive finite number, got {self.blur!r}.")
     if not 0 < self.scaling < 1:
       raise ValueError(f"`scaling` must lie strictly between 0 and 1, got {self.scaling!r}.")
+    if self.lam is None:  # frozen: set the resolved λ once, here
+      object.__setattr__(self, "lam", float(DEFAULT_LAMBDA[self.variant]))
+    if not (self.lam >= 0 and math.isfinite(self.lam)):
+      raise ValueError(f"`lam` must be a non-negative finite number, got {self.lam!r}.")
+    priors.get_prior(self.prior)  # an unknown name fails here, not at the first step
+    for name in ("learning_rate", "b1", "b2"):
+      value = getattr(self, name)
+      if not (math.isfinite(value) and (0 < value if name == "learning_rate" else 0 <= value < 1)):
+        raise ValueError(f"`{name}` out of range: {value!r}.")
     if self.ot_backend not in OT_BACKENDS:
       raise ValueError(f"`ot_backend` must be one of {OT_BACKENDS}, got {self.ot_backend!r}.")
     if int(self.ot_warm_iters) < 0:

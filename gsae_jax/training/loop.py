@@ -28,7 +28,8 @@ from gsae_jax import checkpointing, metrics, plotting
 from gsae_jax.data import load_dataset
 from gsae_jax.models import ARCHS, make_autoencoder
 from gsae_jax.training.gsae import (
-  DEFAULT_LAMBDA,
+  OT_BACKENDS,
+  VARIANTS,
   GSAEConfig,
   encode_all,
   init_state,
@@ -36,34 +37,64 @@ from gsae_jax.training.gsae import (
 )
 
 
+def _setting(default, help_: str, step: bool = False):
+  """A field of :class:`ExperimentConfig`: its default, its ``--flag`` help, and whether it is
+  a :class:`GSAEConfig` setting (passed to the step)."""
+  return dataclasses.field(default=default, metadata={"help": help_, "step": step})
+
+
+_G = {f.name: f.default for f in dataclasses.fields(GSAEConfig)}  # the step's defaults
+
+
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-  """A whole run: the step's :class:`GSAEConfig` plus data, model, schedule and seed.
+  """A whole run: the step's :class:`GSAEConfig` settings plus data, model, schedule and seed.
 
-  ``lam=None`` takes the paper's λ of the variant (:data:`DEFAULT_LAMBDA`).
+  The one source of the entry points' flags (:mod:`gsae_jax.training.config_flags`): a new
+  setting is one field here (with ``step=True`` if the step reads it, under the same name as
+  in :class:`GSAEConfig`, whose default it takes). ``lam=None`` takes the paper's λ of the
+  variant, resolved by :class:`GSAEConfig`.
   """
 
-  variant: str = GSAEConfig.variant
-  arch: str = "mlp"
-  latent_dim: int = 2
-  epochs: int = 50
-  lam: float | None = None
-  # step settings: defaults from GSAEConfig, the one place they are set
-  blur: float = GSAEConfig.blur
-  scaling: float = GSAEConfig.scaling
-  batch_size: int = GSAEConfig.batch_size
-  recalculate_freq: int = GSAEConfig.recalculate_freq
-  resample_freq: int = GSAEConfig.resample_freq
-  encode_chunk: int = GSAEConfig.encode_chunk
-  prior_self_term: bool = GSAEConfig.prior_self_term
-  ot_backend: str = GSAEConfig.ot_backend
-  ot_warm_iters: int = GSAEConfig.ot_warm_iters
-  dataset: str = "mnist5k"
-  n_train: int | None = None
-  n_test: int | None = None
-  seed: int = 0
-  eval_every: int = 1000
-  log_every_s: float = 10.0
+  variant: str = _setting(_G["variant"], f"GSAE variant: {' | '.join(VARIANTS)}.", True)
+  arch: str = _setting("mlp", f"Encoder/decoder architecture: {' | '.join(ARCHS)}.")
+  latent_dim: int = _setting(2, "Latent dimension (the flower prior and the metrics need 2).")
+  epochs: int = _setting(50, "Training epochs (paper: 50 MLP, 30 LeNet-5).")
+  lam: float | None = _setting(None, "Weight λ of the Sinkhorn term (default: the paper's).", True)
+  blur: float = _setting(_G["blur"], "Sinkhorn blur; ε = blur².", True)
+  scaling: float = _setting(_G["scaling"], "ε-annealing ratio in (0, 1).", True)
+  batch_size: int = _setting(_G["batch_size"], "Minibatch size M.", True)
+  recalculate_freq: int = _setting(
+    _G["recalculate_freq"], "Steps between latent-cache re-encodes (minibatch_global).", True
+  )
+  resample_freq: int = _setting(_G["resample_freq"], "Steps between prior redraws.", True)
+  encode_chunk: int = _setting(_G["encode_chunk"], "Images per chunk in global encoding.", True)
+  prior: str = _setting(
+    _G["prior"], "Prior of the latents (the five metrics are defined for 'flower').", True
+  )
+  prior_self_term: bool = _setting(
+    _G["prior_self_term"],
+    "Compute the prior's self-term of S each step (same gradients; only the logged train S).",
+    True,
+  )
+  learning_rate: float = _setting(_G["learning_rate"], "Adam learning rate.", True)
+  b1: float = _setting(_G["b1"], "Adam b1 (paper: 0.5).", True)
+  b2: float = _setting(_G["b2"], "Adam b2.", True)
+  ot_backend: str = _setting(
+    _G["ot_backend"], f"OT engine backend: {' | '.join(OT_BACKENDS)} (auto: by size).", True
+  )
+  ot_warm_iters: int = _setting(
+    _G["ot_warm_iters"],
+    "Global variants with resample_freq > 1: 0 = cold annealed OT every step (paper); k > 0 = "
+    "steps that keep the prior sample start from the last step's potentials (k updates).",
+    True,
+  )
+  dataset: str = _setting("mnist5k", "mnist5k | idx:DIR | tfds:mnist | tfds:fashion_mnist")
+  n_train: int | None = _setting(None, "Class-balanced training subset size.")
+  n_test: int | None = _setting(None, "Class-balanced test subset size.")
+  seed: int = _setting(0, "Root PRNG seed.")
+  eval_every: int = _setting(1000, "Steps between evaluations/checkpoints.")
+  log_every_s: float = _setting(10.0, "Seconds between progress lines on stderr.")
 
   def __post_init__(self):
     if self.arch not in ARCHS:
@@ -71,22 +102,15 @@ class ExperimentConfig:
     for name in ("epochs", "eval_every", "latent_dim"):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
+    for name in ("n_train", "n_test"):
+      if getattr(self, name) is not None and int(getattr(self, name)) < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
     self.gsae()  # validates the step settings
 
   def gsae(self) -> GSAEConfig:
-    lam = DEFAULT_LAMBDA.get(self.variant, 0.0) if self.lam is None else self.lam
+    """The step's settings: every field marked ``step``."""
     return GSAEConfig(
-      variant=self.variant,
-      lam=float(lam),
-      blur=self.blur,
-      scaling=self.scaling,
-      batch_size=self.batch_size,
-      recalculate_freq=self.recalculate_freq,
-      resample_freq=self.resample_freq,
-      encode_chunk=self.encode_chunk,
-      prior_self_term=self.prior_self_term,
-      ot_backend=self.ot_backend,
-      ot_warm_iters=self.ot_warm_iters,
+      **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["step"]}
     )
 
 
@@ -95,12 +119,19 @@ class ExperimentConfig:
 _RESUMABLE_CHANGES = ("epochs", "eval_every", "log_every_s", "ot_backend")
 
 
-def _defaults() -> dict[str, Any]:
-  """The defaults of :class:`ExperimentConfig`'s settings, by name."""
+def config_differences(
+  saved: dict[str, Any], config: ExperimentConfig, ignore: tuple[str, ...] = _RESUMABLE_CHANGES
+) -> dict[str, tuple[Any, Any]]:
+  """``{name: (saved, asked)}`` for the settings of ``config`` that differ from a saved
+  ``config.json`` (the one resume-compatibility check), except those in ``ignore``. A setting
+  missing from ``saved`` (added after it was written) counts as its default: the behaviour
+  before the setting existed."""
+  defaults = {f.name: f.default for f in dataclasses.fields(ExperimentConfig)}
+  saved = {**defaults, **saved}
   return {
-    f.name: f.default
-    for f in dataclasses.fields(ExperimentConfig)
-    if f.default is not dataclasses.MISSING
+    k: (saved.get(k), v)
+    for k, v in dataclasses.asdict(config).items()
+    if k not in ignore and saved.get(k) != v
   }
 
 
@@ -151,14 +182,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, floa
       "are unknown; put its config.json back, or use another --workdir (or delete this one)."
     )
   if resuming:
-    saved = json.loads(cfg_path.read_text())
-    # A setting added after the run started ran at its default (the behaviour before it).
-    saved = {**_defaults(), **saved}
-    diff = {
-      k: (saved.get(k), v)
-      for k, v in cfg_dict.items()
-      if k not in _RESUMABLE_CHANGES and saved.get(k) != v
-    }
+    diff = config_differences(json.loads(cfg_path.read_text()), config)
     if diff:
       raise ValueError(
         f"{workdir} holds a run with a different config {diff} (saved, asked); "

@@ -22,7 +22,7 @@ import numpy as np
 
 from gsae_jax.metrics import METRIC_NAMES
 from gsae_jax.training.gsae import VARIANTS
-from gsae_jax.training.loop import ExperimentConfig, train_and_evaluate
+from gsae_jax.training.loop import ExperimentConfig, config_differences, train_and_evaluate
 
 # SPEC §5: the GSAE paper's Tables 1 (MLP, 50 epochs) and 2 (LeNet-5, 30 epochs), means over 5
 # seeds, for (local, minibatch_global, full_global).
@@ -147,12 +147,7 @@ def _check_same_config(run_dir: pathlib.Path, cfg: ExperimentConfig) -> None:
   path = run_dir / "config.json"
   if not path.is_file():
     return
-  saved = json.loads(path.read_text())
-  diff = {
-    k: (saved.get(k), v)
-    for k, v in dataclasses.asdict(cfg).items()
-    if k not in ("log_every_s", "ot_backend") and saved.get(k) != v
-  }
+  diff = config_differences(json.loads(path.read_text()), cfg, ignore=("log_every_s", "ot_backend"))
   if diff:
     raise ValueError(
       f"{run_dir} holds a run with other settings {diff} (saved, asked); "
