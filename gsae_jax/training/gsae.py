@@ -231,7 +231,7 @@ def _sample_prior(config: GSAEConfig, key, n, zdim):
   return priors.get_prior(config.prior, dim=zdim)(key, n)
 
 
-def full_global_loss_and_grad(model, config, state: TrainState, x_batch, images):
+def full_global_loss_and_grad(model, config, state: TrainState, idx, images, key=None):
   """``D + λ S`` and its gradient with every training latent live, in bounded memory.
 
   ``S(Q(X), prior)`` is differentiated as ``Σ_chunks VJP_Q(X_chunk)(∂S/∂Z_chunk)``: a first
@@ -262,23 +262,42 @@ def full_global_loss_and_grad(model, config, state: TrainState, x_batch, images)
   zeros = jax.tree.map(jnp.zeros_like, enc)
   s_grad_enc, _ = jax.lax.scan(accumulate, zeros, (xs, cts))
 
-  d_val, grads = jax.value_and_grad(lambda p: _reconstruction(model, p, x_batch))(params)
+  d_val, grads = jax.value_and_grad(lambda p: _reconstruction(model, p, images[idx]))(params)
   grads = dict(grads)
   grads["encoder"] = jax.tree.map(lambda g, s: g + config.lam * s, grads["encoder"], s_grad_enc)
   return d_val + config.lam * s_val, (d_val, s_val, pots), grads
 
 
-def _loss_fn(model, config, params, state: TrainState, x, idx, images, prior_key):
-  """``D + λ S`` for ``local`` and ``minibatch_global`` (plain autodiff)."""
+def _local_loss(model, config, params, state: TrainState, x, idx, prior_key):
+  """``local``: ``D + λ S(Q(x_batch), fresh M-point prior sample)``."""
   z_b = model.encode(params["encoder"], x)
   d_val = jnp.mean((model.decode(params["decoder"], z_b) - x) ** 2)
-  if config.variant == "local":
-    prior = _sample_prior(config, prior_key, x.shape[0], z_b.shape[1])
-    s_val, pots = _divergence(config, z_b, prior, state)
-  else:
-    z = state.latents.at[idx].set(z_b)  # stop-gradient cache, live batch rows
-    s_val, pots = _divergence(config, z, state.prior, state)
+  prior = _sample_prior(config, prior_key, x.shape[0], z_b.shape[1])
+  s_val, pots = _divergence(config, z_b, prior, state)
   return d_val + config.lam * s_val, (d_val, s_val, pots)
+
+
+def _minibatch_global_loss(model, config, params, state: TrainState, x, idx, prior_key):
+  """``minibatch_global``: ``D + λ S(cache with the batch rows live, n-point prior sample)``."""
+  z_b = model.encode(params["encoder"], x)
+  d_val = jnp.mean((model.decode(params["decoder"], z_b) - x) ** 2)
+  z = state.latents.at[idx].set(z_b)  # stop-gradient cache, live batch rows
+  s_val, pots = _divergence(config, z, state.prior, state)
+  return d_val + config.lam * s_val, (d_val, s_val, pots)
+
+
+def _by_autodiff(loss):
+  """A ``(model, config, params, state, x, idx, key) -> (loss, aux)`` loss as a variant's
+  ``loss_and_grad`` (plain ``jax.value_and_grad``)."""
+
+  def loss_and_grad(model, config, state: TrainState, idx, images, key):
+    fn = functools.partial(loss, model, config)
+    (value, aux), grads = jax.value_and_grad(fn, has_aux=True)(
+      state.params, state, images[idx], idx, key
+    )
+    return value, aux, grads
+
+  return loss_and_grad
 
 
 def refresh(model, config: GSAEConfig, state: TrainState, images, key) -> TrainState:
@@ -316,14 +335,16 @@ def loss_and_grad(model, config: GSAEConfig, state: TrainState, idx, images, key
   Returns:
     ``(loss, (D, S, potentials), grads)``; ``potentials`` as :attr:`TrainState.potentials`.
   """
-  x = images[idx]
-  if config.variant == "full_global":
-    return full_global_loss_and_grad(model, config, state, x, images)
-  fn = functools.partial(_loss_fn, model, config)
-  (loss, aux), grads = jax.value_and_grad(fn, has_aux=True)(
-    state.params, state, x, idx, images, key
-  )
-  return loss, aux, grads
+  return _LOSS_AND_GRAD[config.variant](model, config, state, idx, images, key)
+
+
+# Each variant's ``(model, config, state, idx, images, key) -> (loss, (D, S, potentials),
+# grads)``: the one place the variants differ in their loss.
+_LOSS_AND_GRAD = {
+  "local": _by_autodiff(_local_loss),
+  "minibatch_global": _by_autodiff(_minibatch_global_loss),
+  "full_global": full_global_loss_and_grad,
+}
 
 
 def make_train_step(
