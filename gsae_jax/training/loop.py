@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -135,8 +136,17 @@ def config_differences(
   }
 
 
-def _interrupt(signum, frame):
-  raise KeyboardInterrupt(f"signal {signum}")
+class _StopRequest:
+  """Ctrl-C / SIGTERM handler that only records the signal: the loop stops after the step in
+  flight (raising inside the step call would lose its donated input state)."""
+
+  def __init__(self):
+    self.signum = None
+
+  def __call__(self, signum, frame):
+    if self.signum is not None:  # a second signal: stop now
+      raise KeyboardInterrupt(f"signal {signum}")
+    self.signum = signum
 
 
 def _all_finite(tree) -> bool:
@@ -161,20 +171,9 @@ def make_eval_fns(model, chunk: int):
   return jax.jit(lambda enc, x: encode_all(model, enc, x, chunk)), jax.jit(decode)
 
 
-def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, float]:
-  """Trains a GSAE as ``config`` says, evaluating and checkpointing into ``workdir``.
-
-  Resumes from ``workdir``'s checkpoint when there is one (the config must match). Ctrl-C
-  and SIGTERM save a checkpoint before exiting (unless the state is no longer finite); a
-  non-finite loss stops the run with its step number and saves nothing.
-
-  Returns:
-    The final five metrics (keys of :data:`gsae_jax.metrics.METRIC_NAMES`).
-  """
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+def _check_workdir(workdir: pathlib.Path, config: ExperimentConfig) -> bool:
+  """Whether ``workdir`` holds a run to resume; refuses one whose settings differ."""
   cfg_path = workdir / "config.json"
-  cfg_dict = dataclasses.asdict(config)
   resuming = checkpointing.exists(workdir)
   if resuming and not cfg_path.is_file():
     raise ValueError(
@@ -188,7 +187,91 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, floa
         f"{workdir} holds a run with a different config {diff} (saved, asked); "
         "use another --workdir or delete it."
       )
+  return resuming
 
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  """The test-set evaluation of a run: the five metrics, ``metrics.jsonl`` and the figures.
+
+  Build it with :meth:`build`; the figure inputs are fixed for the run (10 prior samples per
+  petal, 2 test images per digit).
+  """
+
+  encode: Callable[[Any, jax.Array], jax.Array]
+  decode: Callable[[Any, jax.Array], jax.Array]
+  images: jax.Array
+  labels: np.ndarray
+  key: jax.Array
+  petal_z: jax.Array
+  recon_idx: np.ndarray
+
+  @classmethod
+  def build(cls, model, encode_chunk: int, data, key: jax.Array) -> Evaluation:
+    encode, decode = make_eval_fns(model, encode_chunk)
+    labels = np.asarray(data.test_labels)
+    recon_idx = np.concatenate([np.flatnonzero(labels == c)[:2] for c in range(10)])[:20]
+    petal_z = jnp.asarray(plotting.petal_latents(jax.random.fold_in(key, 1)))
+    return cls(encode, decode, jnp.asarray(data.test_images), labels, key, petal_z, recon_idx)
+
+  def preflight(self, params, dataset: str) -> None:
+    """The five metrics on the current latents, so that a test set they cannot use (labels
+    outside 0..9, too few images) fails before training, not after hours of it."""
+    try:
+      metrics.evaluate_latents(self.key, self.encode(params["encoder"], self.images), self.labels)
+    except ValueError as e:
+      raise ValueError(
+        f"the test set of {dataset!r} cannot be evaluated ({e}); nothing was trained."
+      ) from e
+
+  def __call__(self, workdir: pathlib.Path, params, step: int, train_metrics, records, title):
+    """Scores ``params`` at ``step``, appends the record to ``records`` and
+    ``metrics.jsonl``, and redraws the figures."""
+    z = self.encode(params["encoder"], self.images)
+    recon = self.decode(params["decoder"], z)
+    scores = metrics.evaluate_latents(self.key, z, self.labels, self.images, recon)
+    rec = {"step": step, **{f"train_{k}": v for k, v in train_metrics.items()}, **scores}
+    records.append(rec)
+    with open(workdir / "metrics.jsonl", "a") as f:
+      f.write(json.dumps(rec) + "\n")
+    title = f"{title}, step {step}"
+    plotting.plot_latents(workdir / "latents.png", np.asarray(z), self.labels, title=title)
+    samples = self.decode(params["decoder"], self.petal_z)
+    plotting.plot_samples(workdir / "samples.png", samples, title=f"{title}: one row per petal")
+    plotting.plot_reconstructions(
+      workdir / "reconstructions.png",
+      self.images[self.recon_idx],
+      recon[self.recon_idx],
+      title=f"{title}: test reconstructions",
+    )
+    plotting.plot_curves(workdir / "curves.png", records)
+    _log("gsae: eval " + ", ".join(f"{k}={v:.4g}" for k, v in rec.items()))
+
+
+def _progress(done, total, epoch, last, start, t0) -> str:
+  speed = "first step (compiled)"
+  if done > start + 1:
+    rate = (done - start - 1) / max(time.time() - t0, 1e-9)
+    speed = f"{rate:.2f} steps/s ETA {(total - done) / rate / 60:.1f} min"
+  return (
+    f"gsae: step {done}/{total} epoch {epoch + 1} loss {last['loss']:.5f} "
+    f"D {last['reconstruction']:.5f} S {last['sinkhorn']:.5f} {speed}"
+  )
+
+
+def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, float]:
+  """Trains a GSAE as ``config`` says, evaluating and checkpointing into ``workdir``.
+
+  Resumes from ``workdir``'s checkpoint when there is one (the config must match). Ctrl-C
+  and SIGTERM save a checkpoint before exiting (unless the state is no longer finite); a
+  non-finite loss stops the run with its step number and saves nothing.
+
+  Returns:
+    The final five metrics (keys of :data:`gsae_jax.metrics.METRIC_NAMES`).
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  resuming = _check_workdir(workdir, config)
   data = load_dataset(
     config.dataset, n_train=config.n_train, n_test=config.n_test, seed=config.seed
   )
@@ -206,9 +289,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, floa
 
   model = make_autoencoder(config.arch, config.latent_dim)
   images = jax.device_put(jnp.asarray(data.train_images))
-  root = jax.random.key(config.seed)
-  k_init, k_train, k_data, k_eval = jax.random.split(root, 4)  # eval key ≠ any training key
-
+  k_init, k_train, k_data, k_eval = jax.random.split(jax.random.key(config.seed), 4)
   state = init_state(k_init, model, gcfg, images)
   records: list[dict] = []
   if resuming:
@@ -223,59 +304,26 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, floa
     # The checkpoint's records are the run's history: lines written after it are dropped.
     (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     _log(f"gsae: resumed from step {int(state.step)}")
-  cfg_path.write_text(json.dumps(cfg_dict, indent=2))  # only once the run may go on
+  evaluation = Evaluation.build(model, gcfg.encode_chunk, data, k_eval)
+  evaluation.preflight(state.params, config.dataset)
+  (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
   step_fn = make_train_step(model, gcfg)
 
-  def save():
+  def evaluate_and_save(train_metrics):
+    title = f"{config.variant} {config.arch}"
+    evaluation(workdir, state.params, int(state.step), train_metrics, records, title)
     checkpointing.save(workdir, state, {"step": int(state.step), "records": records})
-
-  encode_fn, decode_fn = make_eval_fns(model, gcfg.encode_chunk)
-  test_images = jnp.asarray(data.test_images)
-  # Fixed figure inputs: 10 prior samples per petal, and 2 test images per digit (or fewer).
-  petal_z = jnp.asarray(plotting.petal_latents(jax.random.fold_in(k_eval, 1)))
-  recon_idx = np.concatenate(
-    [np.flatnonzero(np.asarray(data.test_labels) == c)[:2] for c in range(10)]
-  )[:20]
-  # Pre-flight: the five metrics on the current latents, so that a test set the metrics cannot
-  # use (labels outside 0..9, too few images) fails now, not after hours of training.
-  try:
-    metrics.evaluate_latents(
-      k_eval, encode_fn(state.params["encoder"], test_images), data.test_labels
-    )
-  except ValueError as e:
-    raise ValueError(
-      f"the test set of {config.dataset!r} cannot be evaluated ({e}); nothing was trained."
-    ) from e
-
-  def evaluate(train_metrics):
-    z = encode_fn(state.params["encoder"], test_images)
-    recon = decode_fn(state.params["decoder"], z)
-    scores = metrics.evaluate_latents(k_eval, z, data.test_labels, test_images, recon)
-    z = np.asarray(z)
-    rec = {"step": int(state.step), **{f"train_{k}": v for k, v in train_metrics.items()}, **scores}
-    records.append(rec)
-    with open(workdir / "metrics.jsonl", "a") as f:
-      f.write(json.dumps(rec) + "\n")
-    title = f"{config.variant} {config.arch}, step {int(state.step)}"
-    plotting.plot_latents(workdir / "latents.png", z, data.test_labels, title=title)
-    samples = decode_fn(state.params["decoder"], petal_z)
-    plotting.plot_samples(workdir / "samples.png", samples, title=f"{title}: one row per petal")
-    plotting.plot_reconstructions(
-      workdir / "reconstructions.png",
-      test_images[recon_idx],
-      recon[recon_idx],
-      title=f"{title}: test reconstructions",
-    )
-    plotting.plot_curves(workdir / "curves.png", records)
-    save()
-    _log("gsae: eval " + ", ".join(f"{k}={v:.4g}" for k, v in rec.items()))
 
   start = int(state.step)
   t0 = last_log = time.time()
   last = {}
-  # A `kill` (SIGTERM; background jobs ignore Ctrl-C) checkpoints like Ctrl-C does.
+  # Ctrl-C and `kill` (SIGTERM; background jobs ignore Ctrl-C) stop after the current step
+  # and checkpoint it.
+  stop = _StopRequest()
   in_main = threading.current_thread() is threading.main_thread()  # signal needs the main one
-  previous_sigterm = signal.signal(signal.SIGTERM, _interrupt) if in_main else None
+  previous = (
+    {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+  )
   try:
     for step in range(start, total_steps):
       epoch, pos = divmod(step, steps_per_epoch)
@@ -287,11 +335,8 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, floa
       if step == start:  # the rate and ETA count from the first step's end: not its compile
         jax.block_until_ready(out)
         t0 = time.time()
-      if (
-        time.time() - last_log > config.log_every_s
-        or done % config.eval_every == 0
-        or done == total_steps
-      ):
+      evaluating = done % config.eval_every == 0 or done == total_steps
+      if evaluating or time.time() - last_log > config.log_every_s:
         last = {k: float(v) for k, v in out.items()}
         if not all(math.isfinite(v) for v in last.values()):
           # Saving would overwrite the last good checkpoint with a state that cannot recover.
@@ -300,21 +345,16 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, floa
             f"{workdir} (if any) is the last evaluation step's. Lower --lam or the learning "
             "rate, or use a new --workdir."
           )
-        speed = "first step (compiled)"
-        if done > start + 1:
-          rate = (done - start - 1) / max(time.time() - t0, 1e-9)
-          speed = f"{rate:.2f} steps/s ETA {(total_steps - done) / rate / 60:.1f} min"
-        _log(
-          f"gsae: step {done}/{total_steps} epoch {epoch + 1} loss {last['loss']:.5f} "
-          f"D {last['reconstruction']:.5f} S {last['sinkhorn']:.5f} {speed}"
-        )
+        _log(_progress(done, total_steps, epoch, last, start, t0))
         last_log = time.time()
       if done % config.eval_every == 0 and done != total_steps:
-        evaluate(last)
+        evaluate_and_save(last)
+      if stop.signum is not None:
+        raise KeyboardInterrupt(f"signal {stop.signum}")
   except KeyboardInterrupt:
     try:
       if _all_finite(state.params):
-        save()
+        checkpointing.save(workdir, state, {"step": int(state.step), "records": records})
         _log(f"gsae: interrupted; checkpoint at step {int(state.step)} saved in {workdir}")
       else:
         _log(f"gsae: interrupted at a non-finite state (step {int(state.step)}); nothing saved")
@@ -322,11 +362,12 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, floa
       _log(f"gsae: interrupted mid-step, nothing saved ({e}); the last checkpoint is kept")
     raise
   finally:
-    if previous_sigterm is not None:
-      signal.signal(signal.SIGTERM, previous_sigterm)
+    for sig, handler in previous.items():
+      if handler is not None:  # None: a handler not installed from Python; leave ours
+        signal.signal(sig, handler)
 
   if not records or records[-1]["step"] != int(state.step):
-    evaluate(last)
+    evaluate_and_save(last)
   final = {k: records[-1][k] for k in metrics.METRIC_NAMES}
   (workdir / "metrics.json").write_text(json.dumps(final, indent=2))
   return final
