@@ -122,17 +122,23 @@ def sinkhorn(
   return _dense_sinkhorn(problem, eps, tol, f0, g0, max_iter=max_iter, chunk_size=chunk_size)
 
 
-@functools.partial(jax.jit, static_argnames=("max_iter", "chunk_size"))
-def _dense_sinkhorn(problem: OTProblem, eps, tol, f0, g0, *, max_iter, chunk_size):
-  a, b = problem.a, problem.b
-  sa, sb = jnp.sum(a), jnp.sum(b)
-  ok = validation.in_graph_ok(
+def _inputs_ok(problem: OTProblem, eps, tol, f0, g0, *extra) -> jax.Array:
+  """In-graph checks of the traced inputs shared by both backends (the NaN contract)."""
+  sa, sb = jnp.sum(problem.a), jnp.sum(problem.b)
+  return validation.in_graph_ok(
     (eps > 0) & jnp.isfinite(eps),
     (tol > 0) & jnp.isfinite(tol),
     jnp.isfinite(f0),
     jnp.isfinite(g0),
     jnp.abs(sa - sb) <= validation.MASS_RTOL * jnp.maximum(sa, sb),
+    *extra,
   )
+
+
+@functools.partial(jax.jit, static_argnames=("max_iter", "chunk_size"))
+def _dense_sinkhorn(problem: OTProblem, eps, tol, f0, g0, *, max_iter, chunk_size):
+  a, b = problem.a, problem.b
+  ok = _inputs_ok(problem, eps, tol, f0, g0)
   c = problem.centered()
   x, y = c.x, c.y
   la, lb = problem.log_a, problem.log_b
@@ -209,15 +215,7 @@ def _multiscale_sinkhorn(
   # The dense solver's loop and outputs with true potentials in block layout and block-sparse
   # softmins; each softmin's tiles are chosen from the potentials of its rows and columns.
   a, b = problem.a, problem.b
-  sa, sb = jnp.sum(a), jnp.sum(b)
-  ok = validation.in_graph_ok(
-    (eps > 0) & jnp.isfinite(eps),
-    (tol > 0) & jnp.isfinite(tol),
-    (truncate > 0) & jnp.isfinite(truncate),
-    jnp.isfinite(f0),
-    jnp.isfinite(g0),
-    jnp.abs(sa - sb) <= validation.MASS_RTOL * jnp.maximum(sa, sb),
-  )
+  ok = _inputs_ok(problem, eps, tol, f0, g0, (truncate > 0) & jnp.isfinite(truncate))
   c = problem.centered()
   x, y = c.x, c.y
   bx = multiscale.make_blocks(sg(x), sg(problem.log_a), block_size)

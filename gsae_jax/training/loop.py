@@ -309,10 +309,13 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, floa
   (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
   step_fn = make_train_step(model, gcfg)
 
+  def save():
+    checkpointing.save(workdir, state, {"step": int(state.step), "records": records})
+
   def evaluate_and_save(train_metrics):
     title = f"{config.variant} {config.arch}"
     evaluation(workdir, state.params, int(state.step), train_metrics, records, title)
-    checkpointing.save(workdir, state, {"step": int(state.step), "records": records})
+    save()
 
   start = int(state.step)
   t0 = last_log = time.time()
@@ -354,7 +357,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, floa
   except KeyboardInterrupt:
     try:
       if _all_finite(state.params):
-        checkpointing.save(workdir, state, {"step": int(state.step), "records": records})
+        save()
         _log(f"gsae: interrupted; checkpoint at step {int(state.step)} saved in {workdir}")
       else:
         _log(f"gsae: interrupted at a non-finite state (step {int(state.step)}); nothing saved")
