@@ -8,6 +8,12 @@ Two architectures, as in the GSAE paper (Csiszárik et al., 2024, §5) and fixed
   maxpool 2 → 400 → 120 → 84 → z) and a mirrored decoder with nearest-neighbour upsampling
   and transposed convolutions, sigmoid output.
 
+The encoder's output goes through a latent map that puts it where the prior lives (Sinkhorn
+AutoEncoders, Patrini et al. 2019, §6): "linear" (none; the default, as in the GSAE paper),
+"sphere" (L2-normalised onto the unit hypersphere), "simplex" (softmax onto the probability
+simplex, for Dirichlet priors) and "gaussian" (a VAE's Gaussian encoder: the last layer gives
+the mean and log-variance, `Autoencoder.encode_gaussian`; `encode` returns the mean).
+
 Images are `[b, 28, 28, 1]` with pixels in [0, 1]; latents are `[b, z]`. Every Dense, Conv and
 ConvTranspose kernel is He-normal (fan-in, untruncated) and every bias is zero.
 
@@ -33,6 +39,9 @@ ARCHS = ("mlp", "lenet")
 
 HIDDEN = 256
 """Width of the MLP hidden layers."""
+
+LATENT_MAPS = ("linear", "sphere", "simplex", "gaussian")
+"""Latent maps accepted by `make_autoencoder` (see the module docstring)."""
 
 Params = Any
 """A pytree of parameters (the content of a Linen `variables["params"]`)."""
@@ -83,13 +92,28 @@ def _upsample2(x: jax.Array) -> jax.Array:
   return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
+def _latent_head(h: jax.Array, latent_dim: int, latent_map: str) -> jax.Array:
+  """The encoder's last Dense layer and its latent map (module docstring)."""
+  if latent_map not in LATENT_MAPS:
+    raise ValueError(f"unknown latent_map {latent_map!r}; valid: {', '.join(LATENT_MAPS)}")
+  z = _dense(latent_dim * (2 if latent_map == "gaussian" else 1))(h)
+  if latent_map == "sphere":
+    # The floor only matters at z = 0, where the direction is undefined anyway.
+    return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+  if latent_map == "simplex":
+    return jax.nn.softmax(z, axis=-1)
+  return z
+
+
 class MLPEncoder(nn.Module):
   """MLP encoder 784 → 256 → 256 → 256 → latent_dim, ReLU, linear output.
 
-  Call on `[b, 28, 28, 1]` images (flattened inside); returns `[b, latent_dim]` latents.
+  Call on `[b, 28, 28, 1]` images (flattened inside); returns `[b, latent_dim]` latents
+  through `latent_map` (`[b, 2 · latent_dim]` mean and log-variance for "gaussian").
   """
 
   latent_dim: int
+  latent_map: str = "linear"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -97,7 +121,7 @@ class MLPEncoder(nn.Module):
     h = x.reshape(x.shape[0], -1)
     for _ in range(3):
       h = nn.relu(_dense(HIDDEN)(h))
-    return _dense(self.latent_dim)(h)
+    return _latent_head(h, self.latent_dim, self.latent_map)
 
 
 class MLPDecoder(nn.Module):
@@ -123,10 +147,12 @@ class LeNetEncoder(nn.Module):
 
   conv 6@5×5 same (28×28×6) → ReLU → maxpool 2 (14×14×6) → conv 16@5×5 valid (10×10×16) →
   ReLU → maxpool 2 (5×5×16) → flatten 400 → 120 → 84 → latent_dim, ReLU between the dense
-  layers, linear output. Call on `[b, 28, 28, 1]`; returns `[b, latent_dim]`.
+  layers, then the latent map. Call on `[b, 28, 28, 1]`; returns `[b, latent_dim]`
+  (`[b, 2 · latent_dim]` for "gaussian").
   """
 
   latent_dim: int
+  latent_map: str = "linear"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -139,7 +165,7 @@ class LeNetEncoder(nn.Module):
     h = h.reshape(h.shape[0], -1)
     h = nn.relu(_dense(120)(h))
     h = nn.relu(_dense(84)(h))
-    return _dense(self.latent_dim)(h)
+    return _latent_head(h, self.latent_dim, self.latent_map)
 
 
 class LeNetDecoder(nn.Module):
@@ -184,6 +210,10 @@ class Autoencoder(NamedTuple):
   def latent_dim(self) -> int:
     return self.encoder.latent_dim
 
+  @property
+  def latent_map(self) -> str:
+    return self.encoder.latent_map
+
   def init(self, key: jax.Array) -> dict[str, Params]:
     """Fresh parameters: `{"encoder": ..., "decoder": ...}` (He-normal kernels, 0 bias)."""
     key_enc, key_dec = jax.random.split(key)
@@ -195,20 +225,30 @@ class Autoencoder(NamedTuple):
     }
 
   def encode(self, enc_params: Params, x: jax.Array) -> jax.Array:
-    """Encodes `[b, 28, 28, 1]` images to `[b, latent_dim]` latents."""
-    return self.encoder.apply({"params": enc_params}, x)
+    """Encodes `[b, 28, 28, 1]` images to `[b, latent_dim]` latents (the mean of a
+    "gaussian" encoder)."""
+    z = self.encoder.apply({"params": enc_params}, x)
+    return z[:, : self.latent_dim] if self.latent_map == "gaussian" else z
+
+  def encode_gaussian(self, enc_params: Params, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A "gaussian" encoder's `([b, latent_dim] mean, [b, latent_dim] log-variance)`."""
+    if self.latent_map != "gaussian":
+      raise ValueError(f"encode_gaussian needs latent_map='gaussian', not {self.latent_map!r}")
+    h = self.encoder.apply({"params": enc_params}, x)
+    return h[:, : self.latent_dim], h[:, self.latent_dim :]
 
   def decode(self, dec_params: Params, z: jax.Array) -> jax.Array:
     """Decodes `[b, latent_dim]` latents to `[b, 28, 28, 1]` images in (0, 1)."""
     return self.decoder.apply({"params": dec_params}, z)
 
 
-def make_autoencoder(arch: str, latent_dim: int) -> Autoencoder:
+def make_autoencoder(arch: str, latent_dim: int, latent_map: str = "linear") -> Autoencoder:
   """Builds the encoder/decoder pair of an architecture.
 
   Args:
     arch: "mlp" or "lenet" (LeNet-5), see the module docstring.
     latent_dim: dimension z of the latent space (2 for the flower prior).
+    latent_map: one of `LATENT_MAPS`; `latent_map_for_prior` picks it from a prior's name.
 
   Returns:
     An `Autoencoder` (a NamedTuple `(encoder, decoder)` of Linen modules).
@@ -220,8 +260,16 @@ def make_autoencoder(arch: str, latent_dim: int) -> Autoencoder:
     raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
   if not isinstance(latent_dim, int) or latent_dim <= 0:
     raise ValueError(f"latent_dim must be a positive int, got {latent_dim!r}")
+  if latent_map not in LATENT_MAPS:
+    raise ValueError(f"unknown latent_map {latent_map!r}; valid: {', '.join(LATENT_MAPS)}")
   enc_cls, dec_cls = _MODULES[arch]
-  return Autoencoder(enc_cls(latent_dim), dec_cls(latent_dim))
+  return Autoencoder(enc_cls(latent_dim, latent_map), dec_cls(latent_dim))
+
+
+def latent_map_for_prior(prior: str) -> str:
+  """The deterministic encoder's latent map that a prior needs (SAE paper §6): "sphere" for
+  "hypersphere", "simplex" for "dirichlet", "linear" otherwise."""
+  return {"hypersphere": "sphere", "dirichlet": "simplex"}.get(prior, "linear")
 
 
 def init_params(key: jax.Array, arch: str, latent_dim: int) -> dict[str, Params]:
@@ -237,6 +285,7 @@ def count_params(params: Params) -> int:
 __all__ = [
   "ARCHS",
   "IMAGE_SHAPE",
+  "LATENT_MAPS",
   "Autoencoder",
   "LeNetDecoder",
   "LeNetEncoder",
@@ -244,5 +293,6 @@ __all__ = [
   "MLPEncoder",
   "count_params",
   "init_params",
+  "latent_map_for_prior",
   "make_autoencoder",
 ]

@@ -144,3 +144,37 @@ def test_bad_input_shapes(arch):
     jax.eval_shape(ae.encode, shapes["encoder"], jnp.zeros((4, 784)))
   with pytest.raises(ValueError, match=r"\[b, 2\]"):
     jax.eval_shape(ae.decode, shapes["decoder"], jnp.zeros((4, 3)))
+
+
+@pytest.mark.parametrize("arch", models.ARCHS)
+def test_latent_maps_normalise_the_linear_output(arch):
+  # Same parameters (the maps add none): sphere and simplex are the linear output normalised,
+  # checked against numpy; "gaussian" has one layer twice as wide whose first half is the mean.
+  x = jax.random.uniform(jax.random.key(1), (6, 28, 28, 1))
+  lin = models.make_autoencoder(arch, 5)
+  params = lin.init(KEY)
+  z = np.asarray(lin.encode(params["encoder"], x), np.float64)
+  sphere = models.make_autoencoder(arch, 5, "sphere").encode(params["encoder"], x)
+  np.testing.assert_allclose(sphere, z / np.linalg.norm(z, axis=1, keepdims=True), rtol=1e-5)
+  simplex = models.make_autoencoder(arch, 5, "simplex").encode(params["encoder"], x)
+  e = np.exp(z - z.max(axis=1, keepdims=True))
+  np.testing.assert_allclose(simplex, e / e.sum(axis=1, keepdims=True), rtol=1e-5, atol=1e-7)
+
+  gauss = models.make_autoencoder(arch, 5, "gaussian")
+  gparams = gauss.init(KEY)
+  last_width = {"mlp": models.HIDDEN, "lenet": 84}[arch]
+  assert _count(gparams["encoder"]) == _count(params["encoder"]) + 5 * (last_width + 1)
+  mean, logvar = gauss.encode_gaussian(gparams["encoder"], x)
+  assert mean.shape == logvar.shape == (6, 5)
+  np.testing.assert_array_equal(gauss.encode(gparams["encoder"], x), mean)
+  assert gauss.decode(gparams["decoder"], mean).shape == (6, 28, 28, 1)
+  with pytest.raises(ValueError, match="needs latent_map='gaussian'"):
+    lin.encode_gaussian(params["encoder"], x)
+
+
+def test_latent_map_errors_and_prior_defaults():
+  with pytest.raises(ValueError, match="unknown latent_map 'cube'.*sphere"):
+    models.make_autoencoder("mlp", 2, "cube")
+  assert models.latent_map_for_prior("hypersphere") == "sphere"
+  assert models.latent_map_for_prior("dirichlet") == "simplex"
+  assert models.latent_map_for_prior("flower") == "linear"
