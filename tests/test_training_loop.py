@@ -1,6 +1,7 @@
 """The train/evaluate loop and the flower_mnist entry point on a tiny configuration."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,8 +28,9 @@ TINY = dict(
 def test_resume_continues_from_saved_step(tmp_path):
   # First run: 1 epoch = 4 steps, checkpoints at steps 2 and 4.
   train_and_evaluate(ExperimentConfig(**TINY), str(tmp_path))
-  _, header = checkpointing.restore(tmp_path, {})
+  _, header = checkpointing.restore(tmp_path)
   assert header["step"] == 4
+  assert _steps(tmp_path) == [2, 4]
   # Asking for 2 epochs resumes at step 4 and only runs steps 5..8.
   final = train_and_evaluate(ExperimentConfig(**{**TINY, "epochs": 2}), str(tmp_path))
   steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
@@ -42,6 +44,11 @@ def test_resume_continues_from_saved_step(tmp_path):
   }
   assert json.loads((tmp_path / "metrics.json").read_text()) == final
   assert (tmp_path / "latents.png").stat().st_size > 1000
+  assert _steps(tmp_path) == [6, 8]  # the last two kept
+
+
+def _steps(workdir):
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
@@ -50,16 +57,10 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
   train_and_evaluate(ExperimentConfig(**TINY), str(b))
   resumed = train_and_evaluate(ExperimentConfig(**{**TINY, "epochs": 2}), str(b))
   np.testing.assert_allclose(resumed["reconstruction"], full["reconstruction"], rtol=1e-5)
-  sa, _ = checkpointing.restore(a, _template(a))
-  sb, _ = checkpointing.restore(b, _template(b))
+  sa, _ = checkpointing.restore(a)
+  sb, _ = checkpointing.restore(b)
   for u, v in zip(jax.tree.leaves(sa), jax.tree.leaves(sb), strict=True):
     np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7)
-
-
-def _template(workdir):
-  from flax import serialization
-
-  return serialization.msgpack_restore((workdir / checkpointing.CHECKPOINT).read_bytes())
 
 
 def test_config_mismatch_on_resume_is_an_error(tmp_path):
@@ -76,24 +77,48 @@ def test_non_finite_loss_stops_the_run_and_saves_nothing(tmp_path):
   assert not checkpointing.exists(tmp_path)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "nan", "header"])
-def test_damaged_checkpoint_is_reported_by_path(tmp_path, damage):
+def test_damaged_checkpoint_falls_back_to_the_previous_or_is_refused(tmp_path, capsys):
+  train_and_evaluate(ExperimentConfig(**TINY), str(tmp_path))  # checkpoints at steps 2, 4
+  # A NaN state in the newest: reported by path, the run resumes from step 2 and its history
+  # (metrics.jsonl) is step 2's.
+  state, header = checkpointing.restore(tmp_path)
+  state["params"] = jax.tree.map(lambda v: v * np.nan, state["params"])
+  checkpointing.save(tmp_path, state, header)
+  capsys.readouterr()
+  train_and_evaluate(ExperimentConfig(**{**TINY, "epochs": 2}), str(tmp_path))
+  err = capsys.readouterr().err
+  assert f"checkpoint {tmp_path / 'checkpoints' / '4'} is unusable (ValueError: non-finite" in err
+  assert "gsae: resumed from step 2" in err
+  steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+  assert steps == [2, 4, 6, 8] and _steps(tmp_path) == [6, 8]
+  # Both kept checkpoints truncated: refused, naming each, before anything is trained.
+  paths = [tmp_path / "checkpoints" / s for s in ("6", "8")]
+  for path in paths:
+    for f in (path / "state").rglob("*"):
+      if f.is_file():
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  with pytest.raises(ValueError, match="no usable checkpoint") as err:
+    train_and_evaluate(ExperimentConfig(**{**TINY, "epochs": 3}), str(tmp_path))
+  assert all(f"{p}: " in str(err.value) for p in paths)
+  assert "another --workdir" in str(err.value)
+  assert _steps(tmp_path) == [6, 8]  # nothing deleted
+
+
+def test_a_legacy_checkpoint_resumes_in_the_new_layout(tmp_path):
+  # A workdir of the format before Orbax (checkpoint.msgpack + checkpoint.json) resumes; the
+  # next save writes checkpoints/<step>/ and deletes the old pair.
+  from flax import serialization
+
   train_and_evaluate(ExperimentConfig(**TINY), str(tmp_path))
-  ckpt = tmp_path / checkpointing.CHECKPOINT
-  if damage == "truncate":
-    ckpt.write_bytes(ckpt.read_bytes()[:100])
-    path, match = ckpt, "corrupt or incompatible checkpoint"
-  elif damage == "nan":
-    state, header = checkpointing.restore(tmp_path, _template(tmp_path))
-    state["params"] = jax.tree.map(lambda v: v * np.nan, state["params"])
-    checkpointing.save(tmp_path, state, header)
-    path, match = ckpt, "non-finite values"
-  else:
-    (tmp_path / checkpointing.HEADER).write_text("{not json")
-    path, match = tmp_path / checkpointing.HEADER, "corrupt checkpoint header"
-  with pytest.raises(ValueError, match=match) as err:
-    train_and_evaluate(ExperimentConfig(**{**TINY, "epochs": 2}), str(tmp_path))
-  assert str(path) in str(err.value) and "delete it" in str(err.value)
+  raw, header = checkpointing.restore(tmp_path)  # the state dict, as the old format stored it
+  (tmp_path / checkpointing.LEGACY_CHECKPOINT).write_bytes(serialization.msgpack_serialize(raw))
+  (tmp_path / checkpointing.LEGACY_HEADER).write_text(json.dumps(header, indent=2))
+  shutil.rmtree(tmp_path / "checkpoints")
+  train_and_evaluate(ExperimentConfig(**{**TINY, "epochs": 2}), str(tmp_path))
+  steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+  assert steps == [2, 4, 6, 8] and _steps(tmp_path) == [6, 8]
+  assert not (tmp_path / checkpointing.LEGACY_CHECKPOINT).exists()
+  assert not (tmp_path / checkpointing.LEGACY_HEADER).exists()
 
 
 def test_a_test_set_the_metrics_cannot_use_fails_before_training(tmp_path):
@@ -149,8 +174,8 @@ def test_sigterm_saves_a_checkpoint(tmp_path):
   finally:
     proc.kill()
   assert "interrupted; checkpoint at step" in err
-  header = json.loads((tmp_path / checkpointing.HEADER).read_text())
-  assert header["step"] >= 3
+  _, header = checkpointing.restore(tmp_path)
+  assert header["step"] >= 3 and _steps(tmp_path) == [header["step"]]
 
 
 def test_resume_accepts_a_setting_added_later_at_its_default(tmp_path):
