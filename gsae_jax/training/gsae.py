@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gsae_jax import priors
+from gsae_jax import priors, regularizers
 from gsae_jax.models import Autoencoder
 from gsae_jax.ot import BACKENDS, solve_divergence
 
@@ -47,8 +47,16 @@ class GSAEConfig:
 
   Attributes:
     variant: one of :data:`VARIANTS`.
-    lam: weight λ of the Sinkhorn term; ``None`` (default) takes the paper's λ of the
-      variant (:data:`DEFAULT_LAMBDA`), resolved here and nowhere else.
+    regularizer: the latent regulariser ``S`` (:func:`gsae_jax.regularizers.get_regularizer`):
+      ``"sinkhorn"`` (default, the GSAE's), ``"sharp"``, ``"mmd"``, ``"sliced"``,
+      ``"w2gauss"`` or ``"hungarian"``. Every variant takes any of them; the global ones
+      apply it to all ``n`` latents and an ``n``-point prior sample (``sharp`` and
+      ``hungarian`` are dense and refuse large ``n`` at the first step). The OT settings
+      below (``blur``, ``scaling``, ``ot_*``, ``prior_self_term``) are the Sinkhorn's; ``sharp``
+      takes ``ε = blur²`` and ``sharp_iters``; ``sliced`` takes ``n_projections``.
+    lam: weight λ of the regulariser; ``None`` (default) takes the paper's λ of the variant
+      (:data:`DEFAULT_LAMBDA`, Sinkhorn only: another regulariser needs it set), resolved
+      here and nowhere else.
     blur, scaling: GeomLoss parameters of ``S`` (``ε = blur²``).
     batch_size: ``M``.
     recalculate_freq: re-encode the latent cache every this many steps (minibatch_global).
@@ -71,9 +79,12 @@ class GSAEConfig:
       redraws it runs cold. Measured at n = 60 000 (BUILD_NOTES.md, "Warm starts across
       steps"): with the prior kept, 2 updates are both faster and closer to the converged
       divergence than the cold schedule; after a redraw they are not, hence cold there.
+    n_projections: random directions of the ``sliced`` regulariser.
+    sharp_iters: unrolled Sinkhorn iterations of the ``sharp`` regulariser.
   """
 
   variant: str = "minibatch_global"
+  regularizer: str = "sinkhorn"
   lam: float | None = None
   blur: float = 0.05
   scaling: float = 0.7
@@ -88,17 +99,32 @@ class GSAEConfig:
   b2: float = 0.999
   ot_backend: str = "auto"
   ot_warm_iters: int = 0
+  n_projections: int = 50
+  sharp_iters: int = 100
 
   def __post_init__(self):
     if self.variant not in VARIANTS:
       raise ValueError(f"`variant` must be one of {VARIANTS}, got {self.variant!r}.")
-    for name in ("batch_size", "recalculate_freq", "resample_freq", "encode_chunk"):
+    for name in (
+      "batch_size",
+      "recalculate_freq",
+      "resample_freq",
+      "encode_chunk",
+      "n_projections",
+      "sharp_iters",
+    ):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
     if not (self.blur > 0 and math.isfinite(self.blur)):
       raise ValueError(f"`blur` must be a positive finite number, got {self.blur!r}.")
     if not 0 < self.scaling < 1:
       raise ValueError(f"`scaling` must lie strictly between 0 and 1, got {self.scaling!r}.")
+    regularizers.get_regularizer(self.regularizer)  # an unknown name fails here
+    if self.lam is None and self.regularizer != "sinkhorn":
+      raise ValueError(
+        f"`lam` has no default for the {self.regularizer!r} regulariser (the paper's λ are the "
+        "Sinkhorn's, and the terms' scales differ): set it."
+      )
     if self.lam is None:  # frozen: set the resolved λ once, here
       object.__setattr__(self, "lam", float(DEFAULT_LAMBDA[self.variant]))
     if not (self.lam >= 0 and math.isfinite(self.lam)):
@@ -112,6 +138,11 @@ class GSAEConfig:
       raise ValueError(f"`ot_backend` must be one of {OT_BACKENDS}, got {self.ot_backend!r}.")
     if int(self.ot_warm_iters) < 0:
       raise ValueError(f"`ot_warm_iters` must be >= 0, got {self.ot_warm_iters!r}.")
+    if self.ot_warm_iters and self.regularizer != "sinkhorn":
+      raise ValueError(
+        "`ot_warm_iters` > 0 warm-starts Sinkhorn potentials: it needs "
+        f"regularizer='sinkhorn', not {self.regularizer!r}."
+      )
     if self.ot_warm_iters and self.variant == "local":
       raise ValueError(
         "`ot_warm_iters` > 0 needs a global variant: `local` draws a new batch and prior "
@@ -206,13 +237,26 @@ def _solve(config: GSAEConfig, z, prior, init=None):
   )
 
 
-def _divergence(config: GSAEConfig, z, prior, state: TrainState):
+def _other_regularizer(config: GSAEConfig, z, prior, key):
+  """A non-Sinkhorn ``config.regularizer`` with its settings from ``config``."""
+  fn = regularizers.get_regularizer(config.regularizer)
+  settings = {
+    "sharp": {"epsilon": config.blur**2, "n_iter": config.sharp_iters},
+    "sliced": {"n_projections": config.n_projections},
+  }.get(config.regularizer, {})
+  return fn(z, prior, key=key, **settings)
+
+
+def _divergence(config: GSAEConfig, z, prior, state: TrainState, key=None):
   """``S(z, prior)`` and the potentials ``[4, n]`` to carry to the next step.
 
-  Cold (the annealed schedule) unless ``config.ot_warm_iters``; then warm from
-  ``state.potentials`` on the steps that keep the prior sample, cold on those that redraw
-  it (:func:`refresh`; step 0 is one).
+  ``S`` is ``config.regularizer``; for the Sinkhorn (the default): cold (the annealed
+  schedule) unless ``config.ot_warm_iters``; then warm from ``state.potentials`` on the
+  steps that keep the prior sample, cold on those that redraw it (:func:`refresh`; step 0
+  is one). ``key`` feeds a random regulariser (``sliced``).
   """
+  if config.regularizer != "sinkhorn":
+    return _other_regularizer(config, z, prior, key), state.potentials
   if not config.ot_warm_iters:
     return _solve(config, z, prior).value, state.potentials
 
@@ -248,7 +292,7 @@ def full_global_loss_and_grad(model, config, state: TrainState, idx, images, key
   enc = params["encoder"]
   z_all = jax.lax.stop_gradient(encode_all(model, enc, images, config.encode_chunk))
   (s_val, pots), ds_dz = jax.value_and_grad(
-    lambda z: _divergence(config, z, state.prior, state), has_aux=True
+    lambda z: _divergence(config, z, state.prior, state, key), has_aux=True
   )(z_all)
 
   chunk = min(config.encode_chunk, images.shape[0])
@@ -273,7 +317,8 @@ def _local_loss(model, config, params, state: TrainState, x, idx, prior_key):
   z_b = model.encode(params["encoder"], x)
   d_val = jnp.mean((model.decode(params["decoder"], z_b) - x) ** 2)
   prior = _sample_prior(config, prior_key, x.shape[0], z_b.shape[1])
-  s_val, pots = _divergence(config, z_b, prior, state)
+  # fold_in, not split: the Sinkhorn runs keep the prior samples they always drew.
+  s_val, pots = _divergence(config, z_b, prior, state, jax.random.fold_in(prior_key, 1))
   return d_val + config.lam * s_val, (d_val, s_val, pots)
 
 
@@ -282,7 +327,7 @@ def _minibatch_global_loss(model, config, params, state: TrainState, x, idx, pri
   z_b = model.encode(params["encoder"], x)
   d_val = jnp.mean((model.decode(params["decoder"], z_b) - x) ** 2)
   z = state.latents.at[idx].set(z_b)  # stop-gradient cache, live batch rows
-  s_val, pots = _divergence(config, z, state.prior, state)
+  s_val, pots = _divergence(config, z, state.prior, state, prior_key)
   return d_val + config.lam * s_val, (d_val, s_val, pots)
 
 
@@ -330,7 +375,7 @@ def loss_and_grad(model, config: GSAEConfig, state: TrainState, idx, images, key
     state: the train state after :func:`refresh`.
     idx: ``[M]`` batch indices into ``images``.
     images: ``[n, 28, 28, 1]`` training set.
-    key: prior key of the ``local`` variant (unused otherwise).
+    key: the step's key for the ``local`` prior sample and a random regulariser.
 
   Returns:
     ``(loss, (D, S, potentials), grads)``; ``potentials`` as :attr:`TrainState.potentials`.

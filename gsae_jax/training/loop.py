@@ -5,7 +5,8 @@ Data go to the device once; each step is one call of the jitted step built by
 Everything lands in ``workdir``: ``config.json``, ``metrics.jsonl`` (one line per evaluation),
 ``metrics.json`` (final), ``latents.png``, ``samples.png``, ``reconstructions.png``,
 ``curves.png`` and a checkpoint after every
-evaluation (and on Ctrl-C or SIGTERM) from which a rerun resumes.
+evaluation (and on Ctrl-C or SIGTERM) in ``checkpoints/<step>/`` (Orbax, the last two kept)
+from which a rerun resumes.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import numpy as np
 
 from gsae_jax import checkpointing, metrics, plotting
 from gsae_jax.data import load_dataset
-from gsae_jax.models import ARCHS, make_autoencoder
+from gsae_jax.models import ARCHS, latent_map_for_prior, make_autoencoder
+from gsae_jax.regularizers import REGULARIZER_NAMES
 from gsae_jax.training.gsae import (
   OT_BACKENDS,
   VARIANTS,
@@ -58,10 +60,17 @@ class ExperimentConfig:
   """
 
   variant: str = _setting(_G["variant"], f"GSAE variant: {' | '.join(VARIANTS)}.", True)
+  regularizer: str = _setting(
+    _G["regularizer"],
+    f"Latent regulariser: {' | '.join(REGULARIZER_NAMES)} (sinkhorn: the GSAE's).",
+    True,
+  )
   arch: str = _setting("mlp", f"Encoder/decoder architecture: {' | '.join(ARCHS)}.")
   latent_dim: int = _setting(2, "Latent dimension (the flower prior and the metrics need 2).")
   epochs: int = _setting(50, "Training epochs (paper: 50 MLP, 30 LeNet-5).")
-  lam: float | None = _setting(None, "Weight λ of the Sinkhorn term (default: the paper's).", True)
+  lam: float | None = _setting(
+    None, "Weight λ of the regulariser (default: the paper's, for sinkhorn only).", True
+  )
   blur: float = _setting(_G["blur"], "Sinkhorn blur; ε = blur².", True)
   scaling: float = _setting(_G["scaling"], "ε-annealing ratio in (0, 1).", True)
   batch_size: int = _setting(_G["batch_size"], "Minibatch size M.", True)
@@ -89,6 +98,10 @@ class ExperimentConfig:
     "Global variants with resample_freq > 1: 0 = cold annealed OT every step (paper); k > 0 = "
     "steps that keep the prior sample start from the last step's potentials (k updates).",
     True,
+  )
+  n_projections: int = _setting(_G["n_projections"], "Directions of the sliced regulariser.", True)
+  sharp_iters: int = _setting(
+    _G["sharp_iters"], "Unrolled iterations of the sharp regulariser (ε = blur²).", True
   )
   dataset: str = _setting("mnist5k", "mnist5k | idx:DIR | tfds:mnist | tfds:fashion_mnist")
   n_train: int | None = _setting(None, "Class-balanced training subset size.")
@@ -262,9 +275,11 @@ def _progress(done, total, epoch, last, start, t0) -> str:
 def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, float]:
   """Trains a GSAE as ``config`` says, evaluating and checkpointing into ``workdir``.
 
-  Resumes from ``workdir``'s checkpoint when there is one (the config must match). Ctrl-C
-  and SIGTERM save a checkpoint before exiting (unless the state is no longer finite); a
-  non-finite loss stops the run with its step number and saves nothing.
+  Resumes from ``workdir``'s newest usable checkpoint when there is one (the config must
+  match; an unusable one is reported by path and the previous one used, see
+  :func:`gsae_jax.checkpointing.restore`). Ctrl-C and SIGTERM save a checkpoint before exiting
+  (unless the state is no longer finite); a non-finite loss stops the run with its step number
+  and saves nothing.
 
   Returns:
     The final five metrics (keys of :data:`gsae_jax.metrics.METRIC_NAMES`).
@@ -287,7 +302,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, floa
     f"{total_steps} steps, workdir {workdir}"
   )
 
-  model = make_autoencoder(config.arch, config.latent_dim)
+  model = make_autoencoder(config.arch, config.latent_dim, latent_map_for_prior(config.prior))
   images = jax.device_put(jnp.asarray(data.train_images))
   k_init, k_train, k_data, k_eval = jax.random.split(jax.random.key(config.seed), 4)
   state = init_state(k_init, model, gcfg, images)
