@@ -21,7 +21,7 @@ import json
 import statistics
 from pathlib import Path
 
-from benchmarks import common
+from benchmarks import harness
 
 
 def _time(row: dict) -> float | None:
@@ -73,23 +73,21 @@ def compare(a_paths: list[str], b_paths: list[str]) -> list[dict]:
 
 
 def markdown(rows: list[dict], label_a: str, label_b: str, note: str) -> str:
-  fmt = lambda v: "–" if v is None else f"{v:.4g}"
-  lines = [
-    note,
-    "",
-    f"| d | n | method | {label_a} (s) | {label_b} (s) | {label_b} / {label_a} | "
-    "pair ratios | value rel. diff |",
-    "|---|---|---|---|---|---|---|---|",
+  """The A/B table under ``note``."""
+  pairs = lambda r: (
+    None if r["pair_ratio_min"] is None else f"{r['pair_ratio_min']:.3f}–{r['pair_ratio_max']:.3f}"
+  )
+  columns = [
+    ("d", "d"),
+    ("n", "n"),
+    ("method", "method"),
+    (f"{label_a} (s)", "a_s"),
+    (f"{label_b} (s)", "b_s"),
+    (f"{label_b} / {label_a}", lambda r: f"{r['ratio']:.3f}"),
+    ("pair ratios", pairs),
+    ("value rel. diff", "value_rel_diff"),
   ]
-  for r in rows:
-    pr = (
-      "–" if r["pair_ratio_min"] is None else f"{r['pair_ratio_min']:.3f}–{r['pair_ratio_max']:.3f}"
-    )
-    lines.append(
-      f"| {r['d']} | {r['n']} | {r['method']} | {fmt(r['a_s'])} | {fmt(r['b_s'])} | "
-      f"{r['ratio']:.3f} | {pr} | {fmt(r['value_rel_diff'])} |"
-    )
-  return "\n".join(lines) + "\n"
+  return f"{note}\n\n{harness.table(columns, rows)}\n"
 
 
 def main(argv=None):
@@ -111,9 +109,7 @@ def main(argv=None):
     "each run's time (warm median, or the first run when it had none)."
   )
   payload = {"args": vars(args), "rows": rows}
-  common.write_outputs(
-    args.out, args.name, payload, markdown(rows, args.label_a, args.label_b, note)
-  )
+  harness.write(args.out, args.name, payload, markdown(rows, args.label_a, args.label_b, note))
   return payload
 
 

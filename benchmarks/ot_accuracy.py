@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -34,31 +35,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import common
+from benchmarks import harness
 from gsae_jax.ot import bounding_box_diameter, epsilon_schedule, sinkhorn, sinkhorn_divergence
-from gsae_jax.priors import flower
 
-CASES = ("flower_vs_gaussian", "flower_vs_flower")
+CASES = {"flower_vs_gaussian": "standard_normal", "flower_vs_flower": "flower"}
+"""Case name → the :func:`benchmarks.harness.sample` kind of ``y`` (``x`` is a flower sample)."""
 
 
 def _floats(text: str) -> list[float]:
   return [float(t) for t in text.split(",") if t.strip()]
 
 
-def make_clouds(case: str, n: int, m: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """``x``: a flower sample; ``y``: a standard normal or a second, independent flower sample.
+def make_clouds(case: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """``n`` points of a flower sample and of ``case``'s ``y``, as float64 numpy arrays.
 
-  Sampled in float32 and returned as float64 numpy arrays, so both precisions see the same
-  points.
+  Sampled in float32, so both precisions see the same points.
   """
-  kx, ky = jax.random.split(jax.random.key(seed))
-  x = flower(kx, n)
-  if case == "flower_vs_gaussian":
-    y = jax.random.normal(ky, (m, 2), jnp.float32)
-  elif case == "flower_vs_flower":
-    y = flower(ky, m)
-  else:
-    raise ValueError(f"unknown case {case!r}")
+  x, y = harness.clouds(n, 2, "flower", CASES[case], seed)
   return np.asarray(x, np.float64), np.asarray(y, np.float64)
 
 
@@ -75,9 +68,9 @@ def annealed(x, y, blur, scaling, dtype, repeats, **kwargs) -> dict:
       lambda x: sinkhorn_divergence(x, y, blur=blur, scaling=scaling, **kwargs)
     )(x)
 
-  r = common.compile_and_time(fn, jnp.asarray(x, dtype), jnp.asarray(y, dtype), repeats=repeats)
-  value, grad = r.pop("result")
-  return {**r, "value": float(value), "grad": np.asarray(grad, np.float64)}
+  t = harness.time_fn(fn, jnp.asarray(x, dtype), jnp.asarray(y, dtype), repeats=repeats)
+  value, grad = t.result
+  return {**t.fields(), "value": float(value), "grad": np.asarray(grad, np.float64)}
 
 
 def reference(x, y, blur, tol, max_iter) -> dict:
@@ -103,11 +96,9 @@ def reference(x, y, blur, tol, max_iter) -> dict:
 
   with jax.enable_x64(True):
     x, y = jnp.asarray(x, jnp.float64), jnp.asarray(y, jnp.float64)
-    coarse = common.compile_and_time(lambda x, y: terms(x, y, 10 * tol), x, y, repeats=0)
-    fine = common.compile_and_time(
-      lambda x, y, i: terms(x, y, tol, i), x, y, potentials(coarse["result"]), repeats=0
-    )
-    outs = fine["result"]
+    coarse = harness.time_fn(lambda x, y: terms(x, y, 10 * tol), x, y)
+    fine = harness.time_fn(lambda x, y, i: terms(x, y, tol, i), x, y, potentials(coarse.result))
+    outs = fine.result
 
     def value_and_grad(x, y, inits):
       def value(x):
@@ -116,27 +107,25 @@ def reference(x, y, blur, tol, max_iter) -> dict:
 
       return jax.value_and_grad(value, has_aux=True)(x)
 
-    (value, grad_iters), grad = common.compile_and_time(
-      value_and_grad, x, y, potentials(outs), repeats=0
-    )["result"]
+    (value, grad_iters), grad = harness.time_fn(value_and_grad, x, y, potentials(outs)).result
     iters = {
       k: int(a.iterations) + int(b.iterations)
-      for k, a, b in zip(names, coarse["result"], outs, strict=True)
+      for k, a, b in zip(names, coarse.result, outs, strict=True)
     }
     return {
       "value": float(combine(outs)),
-      "value_at_10tol": float(combine(coarse["result"])),
-      "value_change_10tol_to_tol": abs(float(combine(outs)) - float(combine(coarse["result"]))),
+      "value_at_10tol": float(combine(coarse.result)),
+      "value_change_10tol_to_tol": abs(float(combine(outs)) - float(combine(coarse.result))),
       "value_in_grad_call": float(value),
       "grad": np.asarray(grad),
       "iterations": iters,
       "marginal_violation": {
         k: float(o.marginal_violation) for k, o in zip(names, outs, strict=True)
       },
-      "hit_max_iter": any(int(o.iterations) >= max_iter for o in (*coarse["result"], *outs)),
+      "hit_max_iter": any(int(o.iterations) >= max_iter for o in (*coarse.result, *outs)),
       "extra_iterations_in_grad_call": [int(i) for i in grad_iters],
-      "compile_s": coarse["compile_s"] + fine["compile_s"],
-      "run_s": coarse["first_run_s"] + fine["first_run_s"],
+      "compile_s": coarse.compile_s + fine.compile_s,
+      "run_s": coarse.first_run_s + fine.first_run_s,
     }
 
 
@@ -160,7 +149,7 @@ def cached_reference(args, case, n, x, y, blur) -> dict:
 def part_annealed(args) -> dict:
   rows, refs, checks = [], [], []
   for case in CASES:
-    x, y = make_clouds(case, args.n, args.n, args.seed)
+    x, y = make_clouds(case, args.n, args.seed)
     diam = float(bounding_box_diameter(jnp.asarray(x), jnp.asarray(y)))
     for blur in args.blurs:
       print(f"[a] {case} blur={blur}: converged reference ...", flush=True)
@@ -198,7 +187,7 @@ def part_annealed(args) -> dict:
           flush=True,
         )
     if args.check_n:
-      xc, yc = make_clouds(case, args.check_n, args.check_n, args.seed + 1)
+      xc, yc = make_clouds(case, args.check_n, args.seed + 1)
       blur = max(args.blurs)
       print(f"[a] cross-check {case} n={args.check_n} blur={blur} ...", flush=True)
       ref = cached_reference(args, case, args.check_n, xc, yc, blur)
@@ -224,27 +213,24 @@ def part_annealed(args) -> dict:
 
 
 def part_warm(args) -> dict:
-  rng = np.random.default_rng(args.seed)
-  kx, ky = jax.random.split(jax.random.key(args.seed + 7))
   n = args.warm_n
   # "Flower-ish": a flower sample blurred by 0.05·N(0, 1), against an independent flower sample.
-  x = np.asarray(flower(kx, n), np.float32) + 0.05 * rng.standard_normal((n, 2), np.float32)
-  y = np.asarray(flower(ky, n), np.float32)
-  zeros = np.zeros(n, np.float32)
+  x, y = harness.clouds(n, 2, "flower", "flower", args.seed + 7)
+  key = jax.random.key(args.seed)
+  noise = lambda i: harness.sample("standard_normal", jax.random.fold_in(key, i), n)
+  x = x + 0.05 * noise(0)
+  zeros = jnp.zeros(n, jnp.float32)
   compiled = {}
 
   def solve(max_iter, xx, eps, f0, g0):
-    args_ = (jnp.asarray(xx), jnp.asarray(y), jnp.float32(eps), jnp.asarray(f0), jnp.asarray(g0))
+    a = (xx, y, jnp.float32(eps), f0, g0)
     if max_iter not in compiled:
       fn = lambda x, y, e, f, g: sinkhorn(
         x, y, epsilon=e, tol=args.warm_tol, max_iter=max_iter, init=(f, g)
       )
-      compiled[max_iter] = jax.jit(fn).lower(*args_).compile()
-    times, out = [], None
-    for _ in range(max(1, args.repeats_warm)):
-      out, t = common.timed(lambda: compiled[max_iter](*args_))
-      times.append(t)
-    return out, float(np.median(times))
+      compiled[max_iter] = jax.jit(fn).lower(*a).compile()
+    t = harness.time_fn(compiled[max_iter], *a, repeats=args.repeats_warm - 1, jit=False)
+    return t.result, t.seconds
 
   rows = []
   for eps in args.warm_eps:
@@ -255,8 +241,8 @@ def part_warm(args) -> dict:
       if int(cold.iterations) < max_iter or max_iter >= args.warm_max_iter_cap:
         break
       max_iter = min(10 * max_iter, args.warm_max_iter_cap)
-    for delta in args.warm_deltas:
-      xp = x + delta * rng.standard_normal(x.shape).astype(np.float32)
+    for i, delta in enumerate(args.warm_deltas, 1):
+      xp = x + delta * noise(i)
       warm, t_warm = solve(max_iter, xp, eps, cold.f, cold.g)
       cold_p, t_cold_p = solve(max_iter, xp, eps, zeros, zeros)
       rows.append(
@@ -284,168 +270,110 @@ def part_warm(args) -> dict:
   return {"rows": rows}
 
 
-def to_markdown(args, res: dict) -> str:
+def markdown(payload: dict) -> str:
+  """Both parts' tables from a result payload."""
+  c, env = payload["config"], payload["env"]
   out = [
     "# OT accuracy benchmarks",
     "",
-    f"`{' '.join(args.argv)}` — jax {jax.__version__}, {jax.default_backend()}, "
-    f"{common.env_info()['cpu_count']} CPU cores (shared, timings noisy).",
+    f"`{payload['command']}` — jax {env['jax']}, {env['backend']}, "
+    f"{env['cpu_count']} CPU cores (shared, timings noisy).",
   ]
-  if "annealed" in res:
-    a = res["annealed"]
+  if "annealed" in payload:
+    a = payload["annealed"]
+    g = lambda key, digits: lambda r: f"{r[key]:.{digits}g}"
     out += [
       "",
-      f"## (a) Annealed (`tol=None`) vs converged, n = m = {args.n}",
+      f"## (a) Annealed (`tol=None`) vs converged, n = m = {c['n']}",
       "",
       "Converged: float64, term by term with `sinkhorn(tol="
-      f"{args.ref_tol:g})`. Differences are |annealed − converged|; grad: ‖∇ₓ annealed − "
+      f"{c['ref_tol']:g})`. Differences are |annealed − converged|; grad: ‖∇ₓ annealed − "
       "∇ₓ converged‖ / ‖∇ₓ converged‖. Times: median warm run of `jit(value_and_grad)`; "
       "t conv: run time of the three float64 solves (value only, compile excluded).",
       "",
-      common.markdown_table(
+      harness.table(
         [
-          "case",
-          "blur",
-          "scaling",
-          "steps",
-          "annealed f32",
-          "converged f64",
-          "abs diff",
-          "rel diff f32",
-          "rel diff f64",
-          "grad rel f32",
-          "grad rel f64",
-          "t ann f32 (s)",
-          "t ann f64 (s)",
-          "t conv (s)",
+          ("case", "case"),
+          ("blur", "blur"),
+          ("scaling", "scaling"),
+          ("steps", "schedule_steps"),
+          ("annealed f32", g("annealed_f32", 6)),
+          ("converged f64", g("converged", 6)),
+          ("abs diff", "abs_diff_f32"),
+          ("rel diff f32", "rel_diff_f32"),
+          ("rel diff f64", "rel_diff_f64"),
+          ("grad rel f32", "grad_rel_l2_f32"),
+          ("grad rel f64", "grad_rel_l2_f64"),
+          ("t ann f32 (s)", "time_annealed_f32_warm_s"),
+          ("t ann f64 (s)", "time_annealed_f64_warm_s"),
+          ("t conv (s)", "time_converged_s"),
         ],
-        [
-          [
-            r["case"],
-            r["blur"],
-            r["scaling"],
-            r["schedule_steps"],
-            f"{r['annealed_f32']:.6g}",
-            f"{r['converged']:.6g}",
-            r["abs_diff_f32"],
-            r["rel_diff_f32"],
-            r["rel_diff_f64"],
-            r["grad_rel_l2_f32"],
-            r["grad_rel_l2_f64"],
-            r["time_annealed_f32_warm_s"],
-            r["time_annealed_f64_warm_s"],
-            r["time_converged_s"],
-          ]
-          for r in a["rows"]
-        ],
+        a["rows"],
       ),
       "",
       "Converged references (alternating Sinkhorn iterations per term, float64):",
       "",
-      common.markdown_table(
+      harness.table(
         [
-          "case",
-          "blur",
-          "S converged",
-          "Δ vs 10·tol",
-          "iters xy",
-          "iters xx",
-          "iters yy",
-          "max viol",
-          "hit max_iter",
-          "time (s)",
+          ("case", "case"),
+          ("blur", "blur"),
+          ("S converged", g("value", 8)),
+          ("Δ vs 10·tol", "value_change_10tol_to_tol"),
+          ("iters xy", lambda r: r["iterations"]["xy"]),
+          ("iters xx", lambda r: r["iterations"]["xx"]),
+          ("iters yy", lambda r: r["iterations"]["yy"]),
+          ("max viol", lambda r: max(r["marginal_violation"].values())),
+          ("hit max_iter", "hit_max_iter"),
+          ("time (s)", "run_s"),
         ],
-        [
-          [
-            r["case"],
-            r["blur"],
-            f"{r['value']:.8g}",
-            r["value_change_10tol_to_tol"],
-            r["iterations"]["xy"],
-            r["iterations"]["xx"],
-            r["iterations"]["yy"],
-            max(r["marginal_violation"].values()),
-            r["hit_max_iter"],
-            r["run_s"],
-          ]
-          for r in a["references"]
-        ],
+        a["references"],
       ),
     ]
     if a["cross_checks"]:
       out += [
         "",
         "Cross-check: term-by-term reference vs `sinkhorn_divergence(tol="
-        f"{args.ref_tol:g}, max_iter={args.check_max_iter})`, float64, scaling 0.7:",
+        f"{c['ref_tol']:g}, max_iter={c['check_max_iter']})`, float64, scaling 0.7:",
         "",
-        common.markdown_table(
+        harness.table(
           [
-            "case",
-            "n",
-            "blur",
-            "term by term",
-            "divergence tol",
-            "abs diff",
-            "grad rel",
-            "t terms",
-            "t div",
+            ("case", "case"),
+            ("n", "n"),
+            ("blur", "blur"),
+            ("term by term", g("term_by_term", 10)),
+            ("divergence tol", g("divergence_tol", 10)),
+            ("abs diff", "abs_diff"),
+            ("grad rel", "grad_rel_l2"),
+            ("t terms", "time_term_by_term_s"),
+            ("t div", "time_divergence_tol_s"),
           ],
-          [
-            [
-              c["case"],
-              c["n"],
-              c["blur"],
-              f"{c['term_by_term']:.10g}",
-              f"{c['divergence_tol']:.10g}",
-              c["abs_diff"],
-              c["grad_rel_l2"],
-              c["time_term_by_term_s"],
-              c["time_divergence_tol_s"],
-            ]
-            for c in a["cross_checks"]
-          ],
+          a["cross_checks"],
         ),
       ]
-  if "warm" in res:
+  if "warm" in payload:
     out += [
       "",
-      f"## (b) Warm start of `sinkhorn(tol={args.warm_tol:g})`, n = m = {args.warm_n}, float32",
+      f"## (b) Warm start of `sinkhorn(tol={c['warm_tol']:g})`, n = m = {c['warm_n']}, float32",
       "",
       "Cold: from zero potentials. Then x += δ·N(0, 1): warm from the cold solution's (f, g), "
       "and cold again. Ratios are warm / cold on the perturbed problem.",
       "",
-      common.markdown_table(
+      harness.table(
         [
-          "ε",
-          "δ",
-          "max_iter",
-          "cold iters",
-          "cold (s)",
-          "warm iters",
-          "warm (s)",
-          "cold pert. iters",
-          "cold pert. (s)",
-          "iters warm/cold",
-          "time warm/cold",
-          "|ΔOT| warm vs cold",
+          ("ε", "epsilon"),
+          ("δ", "delta"),
+          ("max_iter", "max_iter"),
+          ("cold iters", "cold_iters"),
+          ("cold (s)", "cold_s"),
+          ("warm iters", "warm_iters"),
+          ("warm (s)", "warm_s"),
+          ("cold pert. iters", "cold_perturbed_iters"),
+          ("cold pert. (s)", "cold_perturbed_s"),
+          ("iters warm/cold", "iters_warm_over_cold"),
+          ("time warm/cold", "time_warm_over_cold"),
+          ("|ΔOT| warm vs cold", lambda r: abs(r["reg_ot_warm"] - r["reg_ot_cold"])),
         ],
-        [
-          [
-            r["epsilon"],
-            r["delta"],
-            r["max_iter"],
-            r["cold_iters"],
-            r["cold_s"],
-            r["warm_iters"],
-            r["warm_s"],
-            r["cold_perturbed_iters"],
-            r["cold_perturbed_s"],
-            r["iters_warm_over_cold"],
-            r["time_warm_over_cold"],
-            abs(r["reg_ot_warm"] - r["reg_ot_cold"]),
-          ]
-          for r in res["warm"]["rows"]
-        ],
+        payload["warm"]["rows"],
       ),
     ]
   return "\n".join(out)
@@ -472,29 +400,22 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--warm_max_iter", type=int, default=2000)
   p.add_argument("--warm_max_iter_cap", type=int, default=20_000)
   p.add_argument("--repeats_warm", type=int, default=1, help="timed runs per warm-start solve")
+  argv = sys.argv[1:] if argv is None else argv
   args = p.parse_args(argv)
-  args.argv = ["python -m benchmarks.ot_accuracy", *(argv if argv is not None else [])]
   parts = {s.strip() for s in args.parts.split(",")}
-
-  env = common.env_info()
+  payload = {
+    "config": vars(args),
+    "command": " ".join(["python -m benchmarks.ot_accuracy", *argv]),
+    "env": harness.env_info(),
+  }
   t0 = time.perf_counter()
-  res: dict = {}
-  if "annealed" in parts:
-    res["annealed"] = part_annealed(args)
+  res = {"annealed": part_annealed(args)} if "annealed" in parts else {}
   if "warm" in parts:
     res["warm"] = part_warm(args)
-  payload = {
-    "config": {k: v for k, v in vars(args).items() if k != "argv"},
-    "command": " ".join(args.argv),
-    "env": env,
-    "total_s": time.perf_counter() - t0,
-    **res,
-  }
-  common.write_outputs(args.out, "ot_accuracy", payload, to_markdown(args, res))
+  payload = {**payload, "total_s": time.perf_counter() - t0, **res}
+  harness.write(args.out, "ot_accuracy", payload, markdown(payload))
   return payload
 
 
 if __name__ == "__main__":
-  import sys
-
-  main(sys.argv[1:])
+  main()

@@ -18,31 +18,27 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from benchmarks import common
+from benchmarks import harness
 from gsae_jax.ot import softmin
 
 
 def _rate(fn, args, count: float, repeats: int) -> dict:
-  r = common.compile_and_time(fn, *args, repeats=repeats)
-  t = r["warm_s"] if r["warm_s"] is not None else r["first_run_s"]
-  return {"seconds": t, "compile_s": r["compile_s"], "per_s": count / t}
+  t = harness.time_fn(fn, *args, repeats=repeats)
+  return {"seconds": t.seconds, "compile_s": t.compile_s, "per_s": count / t.seconds}
 
 
 def run(args) -> dict:
-  rows = []
+  env, rows = harness.env_info(), []
   n_exp = 1 << args.exp_log2
-  a = jnp.asarray(np.random.default_rng(0).uniform(-5, 0, n_exp), jnp.float32)
-  exp_map = _rate(jnp.exp, (a,), n_exp, args.repeats)
-  exp_sum = _rate(lambda a: jnp.sum(jnp.exp(a)), (a,), n_exp, args.repeats)
-  rows.append({"kernel": "exp_map", "size": n_exp, **exp_map})
-  rows.append({"kernel": "exp_sum", "size": n_exp, **exp_sum})
+  a = jax.random.uniform(jax.random.key(0), (n_exp,), jnp.float32, -5.0, 0.0)
+  rows.append({"kernel": "exp_map", "size": n_exp, **_rate(jnp.exp, (a,), n_exp, args.repeats)})
+  exp_sum = lambda a: jnp.sum(jnp.exp(a))
+  rows.append({"kernel": "exp_sum", "size": n_exp, **_rate(exp_sum, (a,), n_exp, args.repeats)})
+  ceiling = rows[-1]["per_s"]
   for n in args.sizes:
-    rng = np.random.default_rng(n)
-    x = jnp.asarray(rng.normal(size=(n, args.d)), jnp.float32)
-    y = jnp.asarray(rng.normal(size=(n, args.d)), jnp.float32)
-    h = jnp.asarray(rng.normal(size=n), jnp.float32)
+    x, y = harness.clouds(n, args.d, "standard_normal", "standard_normal", seed=n)
+    h = harness.sample("standard_normal", jax.random.key(n + 1), n, 1)[:, 0]
     eps = jnp.float32(0.01)
     fwd = lambda x, y, h, e: softmin(x, y, h, e)
     bwd = jax.grad(lambda x, y, h, e: jnp.sum(softmin(x, y, h, e)), argnums=(0, 1, 2))
@@ -50,8 +46,8 @@ def run(args) -> dict:
       r = _rate(fn, (x, y, h, eps), float(n) * n, args.repeats)
       rows.append({"kernel": name, "size": n, "d": args.d, **r})
   for r in rows:
-    r["fraction_of_exp_sum"] = r["per_s"] / exp_sum["per_s"]
-  return {"env": common.env_info(), "args": vars(args), "rows": rows}
+    r["fraction_of_exp_sum"] = r["per_s"] / ceiling
+  return {"env": env, "args": vars(args), "rows": rows}
 
 
 def markdown(payload: dict) -> str:
@@ -61,13 +57,14 @@ def markdown(payload: dict) -> str:
     "n·m pairs once, though the backward recomputes each block). Load average at start "
     f"{payload['env']['load_avg_1m_at_start']:.2f} on {payload['env']['cpu_count']} CPUs.\n\n"
   )
-  return head + common.markdown_table(
-    ["kernel", "size", "seconds", "G/s", "fraction of exp_sum"],
-    [
-      [r["kernel"], r["size"], r["seconds"], r["per_s"] / 1e9, r["fraction_of_exp_sum"]]
-      for r in payload["rows"]
-    ],
-  )
+  columns = [
+    ("kernel", "kernel"),
+    ("size", "size"),
+    ("seconds", "seconds"),
+    ("G/s", lambda r: r["per_s"] / 1e9),
+    ("fraction of exp_sum", "fraction_of_exp_sum"),
+  ]
+  return head + harness.table(columns, payload["rows"])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -79,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--out", default="benchmarks/results")
   args = p.parse_args(argv)
   payload = run(args)
-  common.write_outputs(args.out, "softmin", payload, markdown(payload))
+  harness.write(args.out, "softmin", payload, markdown(payload))
   return payload
 
 

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import env_info, fmt, markdown_table, write_outputs
-from gsae_jax import priors
+from benchmarks import harness
 from gsae_jax.ot import solve_divergence
 
 
@@ -33,8 +31,8 @@ def base_latents(regime: str, key, n: int) -> jax.Array:
   """``early``: a small Gaussian blob off-centre (an untrained encoder); ``late``: another
   flower sample, rotated a little (latents close to the prior)."""
   if regime == "early":
-    return 0.5 * jax.random.normal(key, (n, 2)) + jnp.array([0.5, -0.3])
-  return rotated(priors.flower(key, n), 0.05)
+    return 0.5 * harness.sample("standard_normal", key, n) + jnp.array([0.5, -0.3])
+  return rotated(harness.sample("flower", key, n), 0.05)
 
 
 def rotated(pts: jax.Array, angle: float) -> jax.Array:
@@ -82,22 +80,21 @@ def run_regime(args, regime: str, target: str) -> list[dict]:
   times = {m: [] for m in methods}
   viol = {m: [] for m in methods}
   last = {}
-  y_fixed = priors.flower(k_prior, args.n)
+  y_fixed = harness.sample("flower", k_prior, args.n)
   for t in range(args.steps):
     x = drifted(base, t, args.rate)
-    y = priors.flower(jax.random.fold_in(k_prior, t), args.n) if redrawn else y_fixed
+    y = harness.sample("flower", jax.random.fold_in(k_prior, t), args.n) if redrawn else y_fixed
     for m in methods:
       init = state.get(m, state.get("cold"))  # cold runs first: a chain starts from it
-      t0 = time.perf_counter()
-      val, grad, out = jax.block_until_ready(solvers[m](x, y, init))
-      dt = time.perf_counter() - t0
+      timing = harness.time_fn(solvers[m], x, y, init, jit=False)
+      val, grad, out = timing.result
       if t > 0 or m == "cold":  # step 0 of a warm chain includes its compile
-        times[m].append(dt)
+        times[m].append(timing.first_run_s)
       viol[m].append(float(out.marginal_violation))
       state[m] = (out.f_ba, out.g_ab, out.f_aa)
       last[m] = (float(val), grad, out)
       print(
-        f"  {regime}/{target} step {t} {m}: {dt:.2f} s, value {float(val):.6g}, "
+        f"  {regime}/{target} step {t} {m}: {timing.first_run_s:.2f} s, value {float(val):.6g}, "
         f"violation {float(out.marginal_violation):.3g}",
         file=sys.stderr,
         flush=True,
@@ -112,11 +109,8 @@ def run_regime(args, regime: str, target: str) -> list[dict]:
     out = solve_divergence(x, y, init=init, **ref_kw)
     return out.value, out
 
-  t0 = time.perf_counter()
-  (ref_val, ref_out), ref_grad = jax.block_until_ready(
-    jax.jit(jax.value_and_grad(ref_value, has_aux=True))(x)
-  )
-  ref_s = time.perf_counter() - t0
+  ref = harness.time_fn(jax.jit(jax.value_and_grad(ref_value, has_aux=True)), x, jit=False)
+  (ref_val, ref_out), ref_grad = ref.result
   rows = []
   for m, k in methods.items():
     val, grad, out = last[m]
@@ -135,7 +129,7 @@ def run_regime(args, regime: str, target: str) -> list[dict]:
         "grad_rel_err": rel(grad, ref_grad),
         "ref_converged": bool(ref_out.converged),
         "ref_updates": int(ref_out.iterations),
-        "ref_s": ref_s,
+        "ref_s": ref.first_run_s,
         "kept_tile_fraction": float(out.kept_tile_fraction),
         "dense_fallbacks": int(out.dense_fallbacks),
       }
@@ -143,7 +137,29 @@ def run_regime(args, regime: str, target: str) -> list[dict]:
   return rows
 
 
-def main(argv=None) -> None:
+def markdown(payload: dict, command: str) -> str:
+  """The table, under a line of the setting and over the command."""
+  a = payload["args"]
+  columns = [
+    ("regime", "regime"),
+    ("target", "target"),
+    ("method", "method"),
+    ("s/solve (v+g)", "median_s"),
+    ("marginal viol. (last)", "violation_last"),
+    ("value rel. err", "value_rel_err"),
+    ("grad rel. err", "grad_rel_err"),
+    ("ref. updates (converged)", lambda r: f"{r['ref_updates']} ({r['ref_converged']})"),
+  ]
+  return (
+    f"Warm start across steps, n = {a['n']}, {a['steps']} steps, drift {a['rate']}/step, "
+    f"blur {a['blur']}, scaling {a['scaling']}, backend {a['backend']}; errors against a "
+    f"converged reference (tol {a['ref_tol']}) at the last step.\n\n"
+    + harness.table(columns, payload["rows"], digits=3)
+    + f"\n\n`{command}`\n"
+  )
+
+
+def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--n", type=int, default=60000)
   p.add_argument("--steps", type=int, default=10)
@@ -159,41 +175,14 @@ def main(argv=None) -> None:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default="benchmarks/results")
   p.add_argument("--name", default="warm_start")
+  argv = sys.argv[1:] if argv is None else argv
   args = p.parse_args(argv)
+  env = harness.env_info()
   rows = [r for reg in args.regimes for tgt in args.targets for r in run_regime(args, reg, tgt)]
-  headers = [
-    "regime",
-    "target",
-    "method",
-    "s/solve (v+g)",
-    "marginal viol. (last)",
-    "value rel. err",
-    "grad rel. err",
-    "ref. updates (converged)",
-  ]
-  table = [
-    [
-      r["regime"],
-      r["target"],
-      r["method"],
-      fmt(r["median_s"], 3),
-      fmt(r["violation_last"], 3),
-      fmt(r["value_rel_err"], 3),
-      fmt(r["grad_rel_err"], 3),
-      f"{r['ref_updates']} ({r['ref_converged']})",
-    ]
-    for r in rows
-  ]
-  cmd = "python -m benchmarks.warm_start " + " ".join(argv if argv is not None else sys.argv[1:])
-  md = (
-    f"Warm start across steps, n = {args.n}, {args.steps} steps, drift {args.rate}/step, "
-    f"blur {args.blur}, scaling {args.scaling}, backend {args.backend}; errors against a "
-    f"converged reference (tol {args.ref_tol}) at the last step.\n\n"
-    + markdown_table(headers, table)
-    + f"\n\n`{cmd}`\n"
-  )
-  payload = {"args": vars(args), "env": env_info(), "rows": rows}
-  write_outputs(args.out, args.name, payload, md)
+  payload = {"args": vars(args), "env": env, "rows": rows}
+  command = " ".join(["python -m benchmarks.warm_start", *argv])
+  harness.write(args.out, args.name, payload, markdown(payload, command))
+  return payload
 
 
 if __name__ == "__main__":

@@ -1,21 +1,156 @@
-"""The benchmark scripts run on a tiny size and write well-formed JSON and markdown."""
+"""The benchmark harness, piece by piece, and the scripts on it at a tiny size.
+
+The scripts that start subprocesses importing jax (several seconds each on the 2-core box) are
+marked slow; the harness's runner is tested here on stand-in functions that start in ~0.1 s.
+"""
 
 import json
+import os
+import statistics
+import textwrap
+import time
 
-from benchmarks import train_step
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import ab_compare, harness, large_cloud, ot_accuracy, train_step, warm_start
+from gsae_jax import priors
+
+# ----------------------------------------------------------------------------- harness
 
 
-def test_train_step_benchmark_tiny(tmp_path):
-  train_step.main(["--n", "200", "--variants", "local", "--steps", "1", "--out", str(tmp_path)])
-  rows = json.loads((tmp_path / "train_step.json").read_text())["rows"]
-  assert [r["variant"] for r in rows] == ["local"] and rows[0]["n"] == 200
-  assert rows[0]["steps_per_s"] > 0 and rows[0]["peak_rss_mb"] > 0
-  assert (tmp_path / "train_step.md").read_text().startswith("| variant | n |")
+def test_clouds_come_from_the_priors():
+  x, y = harness.clouds(50, 2, "flower", "gauss", seed=3)
+  kx, ky = jax.random.split(jax.random.key(3))
+  assert jnp.array_equal(x, priors.flower(kx, 50))
+  assert jnp.allclose(y, 0.5 + 1.5 * priors.standard_normal(ky, 50, 2))
+  x, y = harness.clouds(40, 10, "standard_normal", "standard_normal", seed=0)
+  assert x.shape == y.shape == (40, 10) and x.dtype == jnp.float32 and not jnp.array_equal(x, y)
+
+
+def test_time_fn_compiles_then_times_warm_runs():
+  t = harness.time_fn(lambda a: jnp.sum(a * a), jnp.arange(4.0), repeats=3)
+  assert float(t.result) == 14.0
+  assert t.compile_s > 0 and t.first_run_s > 0 and t.compiled_hwm_mb > 0
+  assert len(t.warm_runs_s) == 3 and t.warm_s == statistics.median(t.warm_runs_s)
+  assert t.min_s == min(t.warm_runs_s) and t.seconds == t.warm_s
+  assert t.fields() == {
+    "compile_s": t.compile_s,
+    "first_run_s": t.first_run_s,
+    "warm_s": t.warm_s,
+    "warm_runs_s": t.warm_runs_s,
+  }
+  # No warm runs: the first run is the time to report.
+  t = harness.time_fn(lambda: 1, repeats=0, jit=False)
+  assert t.compile_s is None and t.warm_s is None and t.seconds == t.first_run_s == t.min_s
+
+
+def test_time_fn_budget_stops_the_warm_runs():
+  # 0.1 s runs, budget 0.25 s: warm runs 1 and 2 fit (0.1, 0.2), a third would make 0.3.
+  t = harness.time_fn(lambda: time.sleep(0.1), repeats=10, budget_s=0.25, jit=False)
+  assert 1 <= len(t.warm_runs_s) <= 3
+  assert all(r >= 0.1 for r in [t.first_run_s, *t.warm_runs_s])
+
+
+@pytest.fixture
+def targets(tmp_path):
+  """A module of stand-in benchmark functions, and the environment that makes it importable."""
+  (tmp_path / "bench_targets.py").write_text(
+    textwrap.dedent(
+      """
+      import os, time
+
+      def ok(x):
+        big = b"x" * (64 * 2**20)  # written, so resident: the child's VmHWM must show it
+        return {"x": x, "env": os.environ.get("BENCH_TEST"), "n": len(big)}
+
+      def sets_peak():
+        return {"peak_rss_mb": -1.0}
+
+      def fail():
+        print("a line of progress")
+        raise ValueError("boom")
+
+      def hang():
+        time.sleep(60)
+      """
+    )
+  )
+  return {"PYTHONPATH": str(tmp_path), "BENCH_TEST": "seen"}
+
+
+def test_run_isolated_ok_returns_the_result_and_the_child_peak(targets):
+  r = harness.run_isolated("bench_targets:ok", {"x": [1, 2]}, timeout_s=60, env=targets)
+  assert r["status"] == "ok" and r["x"] == [1, 2] and r["env"] == "seen"
+  assert r["peak_rss_mb"] > 64  # the child's own peak, not the parent's
+  r = harness.run_isolated("bench_targets:sets_peak", {}, env=targets)
+  assert r == {"status": "ok", "peak_rss_mb": -1.0}  # a peak the function reports wins
+
+
+def test_run_isolated_failure_timeout_and_skip(targets):
+  r = harness.run_isolated("bench_targets:fail", {}, env=targets)
+  assert r["status"] == "failed: ValueError: boom" and "peak_rss_mb" in r
+  t0 = time.monotonic()
+  r = harness.run_isolated("bench_targets:hang", {}, timeout_s=1, env=targets)
+  assert r["status"] == "timeout after 1 s" and r["peak_rss_mb"] > 0
+  assert time.monotonic() - t0 < 20
+  r = harness.run_isolated("bench_targets:ok", {"x": 1}, requires=("json", "no_such_mod_q"))
+  assert r == {"status": "skipped: no_such_mod_q not installed"}
+
+
+def test_env_info_reads_the_1min_load_average():
+  def load_1m():
+    with open("/proc/loadavg") as f:
+      return float(f.read().split()[0])
+
+  before, env, after = load_1m(), harness.env_info(), load_1m()
+  # The kernel updates it every 5 s: what env_info read is the value before or after (to the
+  # 2 decimals /proc prints), and the 5- and 15-minute averages would not generally match.
+  assert min(abs(env["load_avg_1m_at_start"] - v) for v in (before, after)) < 0.006
+  assert env["cpu_count"] == os.cpu_count() and env["jax"] == jax.__version__
+
+
+def test_table_cells_and_missing_values():
+  rows = [{"a": 1, "b": 0.123456, "c": True}, {"a": "x", "b": None}]
+  md = harness.table([("A", "a"), ("B", "b"), ("C", "c"), ("2a", lambda r: r["a"] * 2)], rows)
+  assert md.splitlines() == [
+    "| A | B | C | 2a |",
+    "|---|---|---|---|",
+    "| 1 | 0.1235 | True | 2 |",
+    "| x | – | – | xx |",
+  ]
+  assert harness.table([("B", "b")], rows, digits=2).splitlines()[2] == "| 0.12 |"
+
+
+def test_merge_replaces_rows_of_the_same_key_and_keeps_the_runs():
+  key = lambda r: (r["n"], r["m"])
+  run = lambda tag, rows: {"env": {"tag": tag}, "args": {"tag": tag}, "rows": rows}
+  old = run("old", [{"n": 2, "m": "a", "v": 1}, {"n": 1, "m": "a", "v": 1}])
+  new = run("new", [{"n": 1, "m": "a", "v": 2}, {"n": 1, "m": "b", "v": 2}])
+  merged = harness.merge(old, new, key)
+  assert [(r["n"], r["m"], r["v"]) for r in merged["rows"]] == [
+    (1, "a", 2),
+    (1, "b", 2),
+    (2, "a", 1),
+  ]
+  assert merged["env"] == {"tag": "new"}
+  assert [r["env"]["tag"] for r in merged["runs"]] == ["old", "new"]
+  again = harness.merge(merged, run("third", []), key)
+  assert [r["args"]["tag"] for r in again["runs"]] == ["old", "new", "third"]
+  assert again["rows"] == merged["rows"]
+
+
+def test_write_outputs(tmp_path):
+  path = harness.write(tmp_path / "sub", "x", {"rows": [{"v": jnp.float32(0.5)}]}, "| a |\n\n")
+  assert json.loads(path.read_text()) == {"rows": [{"v": 0.5}]}
+  assert (tmp_path / "sub" / "x.md").read_text() == "| a |\n"
+
+
+# ----------------------------------------------------------------------------- scripts
 
 
 def test_ab_compare_pairs_runs_and_takes_medians(tmp_path):
-  from benchmarks import ab_compare
-
   def run(name, t_ours, value, first_only=False):
     rows = [
       {
@@ -44,3 +179,61 @@ def test_ab_compare_pairs_runs_and_takes_medians(tmp_path):
   assert (
     "| 2 | 10 | ours | 3 | 1.5 | 0.500 | 0.500–0.750 | 0.5 |" in (tmp_path / "ab.md").read_text()
   )
+
+
+def test_warm_start_benchmark_tiny(tmp_path):
+  argv = ["--n", "120", "--steps", "2", "--warm_iters", "1", "--regimes", "late"]
+  argv += ["--backend", "dense", "--blur", "0.3", "--ref_max_iter", "50", "--out", str(tmp_path)]
+  warm_start.main(argv)
+  saved = json.loads((tmp_path / "warm_start.json").read_text())
+  assert [r["method"] for r in saved["rows"]] == ["cold", "warm_1"]
+  for r in saved["rows"]:
+    assert r["median_s"] > 0 and r["ref_updates"] <= 50
+    assert r["value_rel_err"] == pytest.approx(abs(r["value_last"] / r["ref_value"] - 1))
+  md = (tmp_path / "warm_start.md").read_text()
+  assert "| late | redrawn | warm_1 | " in md
+  assert md.rstrip().endswith(f"`python -m benchmarks.warm_start {' '.join(argv)}`")
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_tiny(tmp_path):
+  train_step.main(["--n", "200", "--variants", "local", "--steps", "1", "--out", str(tmp_path)])
+  rows = json.loads((tmp_path / "train_step.json").read_text())["rows"]
+  assert [r["variant"] for r in rows] == ["local"] and rows[0]["n"] == 200
+  assert rows[0]["status"] == "ok" and rows[0]["steps_per_s"] == 1 / rows[0]["step_s"]
+  assert (
+    rows[0]["peak_rss_with_parts_mb"] >= rows[0]["peak_rss_mb"] > rows[0]["rss_after_imports_mb"]
+  )
+  assert (tmp_path / "train_step.md").read_text().startswith("| variant | n |")
+
+
+@pytest.mark.slow
+def test_large_cloud_benchmark_tiny(tmp_path):
+  large_cloud.main(["--sizes", "200", "--repeats", "1", "--out", str(tmp_path)])
+  (row,) = json.loads((tmp_path / "large_cloud.json").read_text())["rows"]
+  assert row["mode"] == "divergence" and row["grad_finite"] and len(row["warm_runs_s"]) == 1
+  assert row["net_rss_mb"] == row["peak_rss_mb"] - row["baseline_peak_rss_mb"]
+  assert row["peak_rss_mb"] >= row["rss_after_compile_mb"] >= row["rss_after_inputs_mb"]
+  md = (tmp_path / "large_cloud.md").read_text()
+  assert "`python -m benchmarks.large_cloud --sizes 200 --repeats 1 --out" in md
+  assert "\n| 200 | " in md
+
+
+@pytest.mark.slow
+def test_ot_accuracy_benchmark_tiny(tmp_path):
+  payload = ot_accuracy.main(
+    ["--n", "60", "--blurs", "0.3", "--scalings", "0.7", "--check_n", "40", "--warm_n", "60"]
+    + ["--warm_eps", "0.1", "--warm_deltas", "0.01", "--repeats", "1", "--out", str(tmp_path)]
+  )
+  saved = json.loads((tmp_path / "ot_accuracy.json").read_text())
+  assert saved["command"] == payload["command"] and saved["config"]["n"] == 60
+  rows = saved["annealed"]["rows"]
+  assert [r["case"] for r in rows] == ["flower_vs_gaussian", "flower_vs_flower"]
+  # float32 and float64 run the same annealed schedule; the converged reference is apart.
+  assert all(abs(r["annealed_f32"] - r["annealed_f64"]) < 1e-4 * abs(r["converged"]) for r in rows)
+  # The term-by-term reference and the divergence run to the same tolerance agree.
+  assert all(c["abs_diff"] < 1e-4 for c in saved["annealed"]["cross_checks"])
+  (w,) = saved["warm"]["rows"]
+  assert w["warm_iters"] < w["cold_perturbed_iters"]  # the point of warm starts
+  md = (tmp_path / "ot_accuracy.md").read_text()
+  assert md.count("\n| flower_vs_") == 6 and "## (b) Warm start" in md

@@ -6,12 +6,18 @@ Torch, GeomLoss and KeOps are not in the default test install: their rows must t
 
 import importlib.util
 import json
+import shutil
+from pathlib import Path
+
+import pytest
 
 from benchmarks import sinkhorn, softmin
 
 _HAVE_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "geomloss"))
+_RESULTS = Path(__file__).parents[1] / "benchmarks" / "results"
 
 
+@pytest.mark.slow
 def test_sinkhorn_benchmark_tiny(tmp_path):
   methods = ["ours", "ours_tol", "ott_dense", "geomloss_tensorized"]
   payload = sinkhorn.main(
@@ -19,22 +25,24 @@ def test_sinkhorn_benchmark_tiny(tmp_path):
     + ["--repeats", "1", "--out", str(tmp_path)]
   )
   saved = json.loads((tmp_path / "sinkhorn.json").read_text())
-  assert saved["env"]["load_avg_1m_at_start"] >= 0
+  assert saved == json.loads(json.dumps(payload))
   rows = {r["method"]: r for r in saved["rows"]}
-  assert list(rows) == methods and payload["rows"][0]["ref_value"] > 0
+  assert list(rows) == methods and rows["ours"]["ref_value"] > 0
   # Converged solvers agree with the independent float64 reference (the alternating fixed-ε
   # solver, term by term, to marginal violation 1e-5) to their tolerance 1e-3: rtol 2e-3 on
-  # the value. The annealed paper setting (scaling 0.7, no convergence test) is a few % off.
+  # the value. The annealed paper setting (scaling 0.7, no convergence test) is further off.
   assert rows["ours_tol"]["value_rel_err"] < 2e-3
   assert rows["ott_dense"]["value_rel_err"] < 2e-3
-  assert 1e-4 < rows["ours"]["value_rel_err"] < 0.2
+  assert rows["ours"]["value_rel_err"] < 0.2
   ours = rows["ours"]
   assert ours["grad_finite"] and ours["peak_rss_mb"] >= ours["vm_hwm_before_mb"] > 50
   assert ours["compile_s"] > 0 and ours["warm_s"] > 0 and len(ours["warm_runs_s"]) == 1
   gl = rows["geomloss_tensorized"]
   if _HAVE_TORCH:
-    # Same algorithm as `ours` (GeomLoss's schedule): same value to float32 rounding.
+    # GeomLoss runs the same annealed schedule: the same value to float32 rounding, whatever
+    # its distance to the converged reference.
     assert gl["status"] == "ok" and gl["value_rel_diff_ours"] < 1e-5
+    assert gl["value_rel_err"] == pytest.approx(ours["value_rel_err"], rel=1e-3)
   else:
     assert gl["status"].startswith("skipped:") and "not installed" in gl["status"]
   md = (tmp_path / "sinkhorn.md").read_text()
@@ -42,19 +50,32 @@ def test_sinkhorn_benchmark_tiny(tmp_path):
   assert "- d = 2, n = 120: reference S = " in md
 
 
-def test_sinkhorn_skip_rules_and_merge(tmp_path):
-  # Dense peers and slow converged solves are skipped with a reason, not silently dropped.
+def test_sinkhorn_skip_rules_and_append(tmp_path):
+  # Dense peers and slow converged solves are skipped with a reason, not silently dropped;
+  # --append merges those rows into a recorded result file.
+  shutil.copy(_RESULTS / "sinkhorn.json", tmp_path / "sinkhorn.json")
+  old = json.loads((tmp_path / "sinkhorn.json").read_text())
   payload = sinkhorn.main(
-    ["--sizes", "100000", "--dims", "2", "--methods", "ott_dense", "ours_tol"]
+    ["--sizes", "100000", "--dims", "2", "--methods", "ott_dense", "ours_tol", "--append"]
     + ["--out", str(tmp_path), "--ref_max_n", "0", "--dense_limit_gb", "1"]
   )
-  rows = {r["method"]: r["status"] for r in payload["rows"]}
-  assert rows["ott_dense"].startswith("skipped: 3 dense 100000×100000")
-  assert rows["ours_tol"].startswith("skipped: too slow")
-  old = {"env": {}, "args": {}, "rows": [{"d": 2, "n": 5, "method": "ours", "value": 1.0}]}
-  new = {"env": {}, "args": {}, "rows": [{"d": 2, "n": 5, "method": "ours", "value": 2.0}]}
-  merged = sinkhorn.merge(old, new)
-  assert merged["rows"] == new["rows"] and len(merged["runs"]) == 2
+  rows = {(r["n"], r["method"]): r["status"] for r in payload["rows"]}
+  assert rows[100000, "ott_dense"].startswith("skipped: 3 dense 100000×100000")
+  assert rows[100000, "ours_tol"].startswith("skipped: too slow")
+  assert [r for r in payload["rows"] if r["n"] != 100000] == old["rows"]
+  assert len(payload["runs"]) == len(old["runs"]) + 1
+  assert payload["runs"][-1]["args"]["append"] and payload["args"]["sizes"] == [100000]
+  # Re-rendering the merged file from JSON gives the same markdown.
+  md = (tmp_path / "sinkhorn.md").read_text()
+  assert "| 2 | 100000 | ott_dense | – |" in md
+  sinkhorn.main(["--render_only", "--out", str(tmp_path)])
+  assert (tmp_path / "sinkhorn.md").read_text() == md
+
+
+def test_sinkhorn_render_only_reproduces_the_recorded_table(tmp_path):
+  shutil.copy(_RESULTS / "sinkhorn.json", tmp_path / "sinkhorn.json")
+  sinkhorn.main(["--render_only", "--out", str(tmp_path)])
+  assert (tmp_path / "sinkhorn.md").read_text() == (_RESULTS / "sinkhorn.md").read_text()
 
 
 def test_softmin_benchmark_tiny(tmp_path):
@@ -64,6 +85,14 @@ def test_softmin_benchmark_tiny(tmp_path):
   rows = json.loads((tmp_path / "softmin.json").read_text())["rows"]
   kernels = [r["kernel"] for r in rows]
   assert kernels == ["exp_map", "exp_sum", "softmin_forward", "softmin_forward+backward"]
-  assert all(r["per_s"] > 0 for r in rows)
-  assert rows[1]["fraction_of_exp_sum"] == 1.0
-  assert (tmp_path / "softmin.md").read_text().count("\n| softmin_") == 2
+  # Each rate is its count over its time: elements for exp, n·m pairs for softmin ...
+  for r in rows:
+    count = r["size"] if r["kernel"].startswith("exp") else r["size"] ** 2
+    assert r["seconds"] > 0 and r["per_s"] == pytest.approx(count / r["seconds"])
+  # ... and each fraction is its rate over exp_sum's (same size for exp_map: a time ratio).
+  exp_map, exp_sum, fwd, _ = rows
+  assert exp_map["fraction_of_exp_sum"] == pytest.approx(exp_sum["seconds"] / exp_map["seconds"])
+  assert fwd["fraction_of_exp_sum"] == pytest.approx(fwd["per_s"] / exp_sum["per_s"])
+  md = (tmp_path / "softmin.md").read_text()
+  assert md.count("\n| softmin_") == 2
+  assert f"| {fwd['fraction_of_exp_sum']:.4g} |" in md
