@@ -138,6 +138,6 @@ def test_report_tables_finished_runs_and_lists_failed_ones(tmp_path):
   path = sae.write_report(tmp_path, {"wae": {0: ok, 1: ok2, 2: "FloatingPointError: nan"}})
   text = path.read_text()
   row = next(line for line in text.splitlines() if line.startswith("| wae "))
-  # n = 2 finished seeds; mean ± population std of (1, 3) = 2 ± 1.
-  assert "| 2 | 2 ± 1 | 9 ± 1 | 25 ± 5 | 0.5 | 7.07 | 24.4 |" in row
+  # n = 2 finished seeds; mean ± sample std of (1, 3) = 2 ± √2.
+  assert "| 2 | 2 ± 1.4 | 9 ± 1.4 | 25 ± 7.1 | 0.5 | 7.07 | 24.4 |" in row
   assert "wae seed 2: FloatingPointError: nan" in text

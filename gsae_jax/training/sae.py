@@ -378,7 +378,7 @@ def _fmt(values: list[float]) -> str:
   if not values:
     return "–"
   mean = float(np.mean(values))
-  return f"{mean:.3g} ± {float(np.std(values)):.2g}" if len(values) > 1 else f"{mean:.3g}"
+  return f"{mean:.3g} ± {float(np.std(values, ddof=1)):.2g}" if len(values) > 1 else f"{mean:.3g}"
 
 
 def write_report(workdir: pathlib.Path, results: dict, command: str = "") -> pathlib.Path:
@@ -391,7 +391,7 @@ def write_report(workdir: pathlib.Path, results: dict, command: str = "") -> pat
     "",
     f"Command: `{command}`" if command else "",
     "",
-    "Ours: mean ± std over seeds (n). Paper: MNIST column of Table 1. MMD ×10² and the "
+    "Ours: mean ± sample std over seeds (n). Paper: MNIST column of Table 1. MMD ×10² and the "
     "FID-like score are not on the paper's scale (own kernel settings, own LeNet features): "
     "compare orderings, not values.",
     "",

@@ -201,7 +201,7 @@ def write_report(
   (workdir / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
 
   paper = PAPER_TABLES.get(base.arch)
-  lines = [f"# GSAE results: {base.arch} on {base.dataset}", ""]
+  lines = [f"# GSAE results: {base.arch} on {base.dataset}, regulariser {base.regularizer}", ""]
   if command:
     lines += ["```bash", command, "```", ""]
   lines += [
@@ -211,6 +211,8 @@ def write_report(
     "the finished seeds (n); metrics on the test set (SPEC §5).",
     "",
   ]
+  if base.regularizer != "sinkhorn":
+    lines += ["The paper columns are the GSAE paper's Sinkhorn models, for scale.", ""]
   if sweep:
     lines += _sweep_tables(summary)
   else:
