@@ -59,15 +59,27 @@ def main(argv):
     sweep = [float(v) for v in FLAGS.sweep_lam]
   except ValueError as e:
     raise app.UsageError(f"--sweep_lam must be numbers, got {FLAGS.sweep_lam}") from e
-  try:
-    base = config_from_flags(ExperimentConfig, _SETTINGS)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
   lams = {
     "local": FLAGS.lam_local,
     "minibatch_global": FLAGS.lam_minibatch_global,
     "full_global": FLAGS.lam_full_global,
   }
+  # The paper's λ are the Sinkhorn's: another regulariser needs each variant's λ (or a grid).
+  # The base config then holds one of them only to pass its checks; each run sets its own.
+  given = sweep or [lams[v] for v in FLAGS.variants if lams[v] is not None]
+  if FLAGS.regularizer != "sinkhorn":
+    missing = [v for v in FLAGS.variants if lams[v] is None]
+    if missing and not sweep:
+      raise app.UsageError(
+        f"--regularizer={FLAGS.regularizer} has no paper λ: pass "
+        + ", ".join(f"--lam_{v}" for v in missing)
+        + " or --sweep_lam."
+      )
+  try:
+    overrides = {"lam": given[0]} if FLAGS.regularizer != "sinkhorn" else {}
+    base = config_from_flags(ExperimentConfig, _SETTINGS, **overrides)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   command = "python -m experiments.paper_tables " + " ".join(shlex.quote(a) for a in sys.argv[1:])
   try:
     results = run_table(

@@ -110,6 +110,7 @@ def test_entry_point_rejects_bad_flags(tmp_path):
     ("--seeds=0,0", "`seeds` repeats [0]"),
     ("--variants=local,local", "`variants` repeats ['local']"),
     ("--sweep_lam=0.1,0.1", "`sweep_lams` repeats [0.1]"),
+    ("--regularizer=mmd", "has no paper λ: pass --lam_local, --lam_minibatch_global"),
   ):
     out = subprocess.run(base + [flag], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and word in out.stderr, (flag, out.stderr[-500:])
