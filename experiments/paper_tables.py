@@ -16,7 +16,7 @@ import sys
 from absl import app, flags
 
 from gsae_jax.training import config_flags
-from gsae_jax.training.config_flags import config_from_flags, define_flags
+from gsae_jax.training.config_flags import config_from_flags, define_flags, parse_seeds
 from gsae_jax.training.gsae import VARIANTS
 from gsae_jax.training.loop import ExperimentConfig
 from gsae_jax.training.tables import run_table
@@ -35,18 +35,6 @@ flags.DEFINE_float("lam_full_global", None, "λ of full_global (default: 0.1).")
 flags.DEFINE_list("sweep_lam", [], "λ grid: train every variant at each λ and rank them.")
 flags.DEFINE_string("workdir", None, "Root directory of the sweep (resumes).")
 flags.mark_flag_as_required("workdir")
-
-
-def _seeds(values: list[str]) -> list[int]:
-  try:
-    ints = [int(v) for v in values]
-  except ValueError as e:
-    raise app.UsageError(f"--seeds must be integers, got {values}") from e
-  if len(ints) == 1:
-    if ints[0] < 1:
-      raise app.UsageError(f"--seeds count must be positive, got {ints[0]}")
-    return list(range(ints[0]))
-  return ints
 
 
 def main(argv):
@@ -86,7 +74,7 @@ def main(argv):
       base,
       FLAGS.workdir,
       variants=FLAGS.variants,
-      seeds=_seeds(FLAGS.seeds),
+      seeds=parse_seeds(FLAGS.seeds),
       lams={k: v for k, v in lams.items() if v is not None},
       sweep_lams=sweep or None,
       command=command,

@@ -16,7 +16,7 @@ import sys
 from absl import app, flags
 
 from gsae_jax.training import config_flags
-from gsae_jax.training.config_flags import config_from_flags, define_flags
+from gsae_jax.training.config_flags import config_from_flags, define_flags, parse_seeds
 from gsae_jax.training.sae import ROWS, TABLE_ROWS, SAEConfig, run_table
 
 FLAGS = flags.FLAGS
@@ -26,18 +26,6 @@ flags.DEFINE_list("rows", list(TABLE_ROWS), f"Rows to train: {', '.join(ROWS)}."
 flags.DEFINE_list("seeds", ["3"], "A count N (seeds 0..N-1) or a list of seeds, e.g. 0,3,7.")
 flags.DEFINE_string("workdir", None, "Root directory of the table (resumes).")
 flags.mark_flag_as_required("workdir")
-
-
-def _seeds(values: list[str]) -> tuple[int, ...]:
-  try:
-    ints = [int(v) for v in values]
-  except ValueError as e:
-    raise app.UsageError(f"--seeds must be integers, got {values}") from e
-  if len(ints) == 1:
-    if ints[0] < 1:
-      raise app.UsageError(f"--seeds count must be positive, got {ints[0]}")
-    return tuple(range(ints[0]))
-  return tuple(ints)
 
 
 def main(argv):
@@ -50,7 +38,11 @@ def main(argv):
   command = "python -m experiments.sae_mnist " + " ".join(shlex.quote(a) for a in sys.argv[1:])
   try:
     results = run_table(
-      base, FLAGS.workdir, rows=tuple(FLAGS.rows), seeds=_seeds(FLAGS.seeds), command=command
+      base,
+      FLAGS.workdir,
+      rows=tuple(FLAGS.rows),
+      seeds=tuple(parse_seeds(FLAGS.seeds)),
+      command=command,
     )
   except ValueError as e:  # bad rows / seeds, or a workdir from another config
     raise app.UsageError(str(e)) from e

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 from absl import flags
 
+from gsae_jax.training import config_flags
 from gsae_jax.training.config_flags import config_from_flags, define_flags
 from gsae_jax.training.gsae import DEFAULT_LAMBDA, GSAEConfig
 from gsae_jax.training.loop import ExperimentConfig
@@ -84,3 +85,12 @@ def test_lambda_is_resolved_per_variant_in_one_place():
 def test_bad_new_settings_are_refused(kwargs, match):
   with pytest.raises(ValueError, match=match):
     ExperimentConfig(**kwargs)
+
+
+def test_parse_seeds_counts_or_lists():
+  assert config_flags.parse_seeds(["3"]) == [0, 1, 2]
+  assert config_flags.parse_seeds(["0", "7"]) == [0, 7]
+  with pytest.raises(ValueError, match="must be integers"):
+    config_flags.parse_seeds(["x"])
+  with pytest.raises(ValueError, match="count must be positive"):
+    config_flags.parse_seeds(["0"])

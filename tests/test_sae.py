@@ -2,6 +2,8 @@
 run end to end (artefacts, resume), and the sweep's refusals."""
 
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -141,3 +143,16 @@ def test_report_tables_finished_runs_and_lists_failed_ones(tmp_path):
   # n = 2 finished seeds; mean ± sample std of (1, 3) = 2 ± √2.
   assert "| 2 | 2 ± 1.4 | 9 ± 1.4 | 25 ± 7.1 | 0.5 | 7.07 | 24.4 |" in row
   assert "wae seed 2: FloatingPointError: nan" in text
+
+
+def test_entry_point_rejects_bad_flags(tmp_path):
+  base = [sys.executable, "-m", "experiments.sae_mnist", f"--workdir={tmp_path}"]
+  for flag, word in (
+    ("--rows=abc", "unknown rows ['abc']"),
+    ("--seeds=0,0", "`seeds` repeats [0]"),
+    ("--seeds=x", "--seeds must be integers"),
+    ("--beta=-1", "`beta` must be"),
+  ):
+    out = subprocess.run(base + [flag], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and word in out.stderr, (flag, out.stderr[-500:])
+  assert not (tmp_path / "results.md").exists()

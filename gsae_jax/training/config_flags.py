@@ -76,3 +76,21 @@ def config_from_flags(
   """``cls(**values)`` from the flags ``names`` (what :func:`define_flags` returned) plus
   ``overrides``."""
   return cls(**{**{name: flag_values[name].value for name in names}, **overrides})
+
+
+def parse_seeds(values: Iterable[str]) -> list[int]:
+  """``--seeds``: one value N means seeds ``0..N-1``, several values are the seeds themselves.
+
+  Raises:
+    ValueError: a value is not an integer, or a count is not positive.
+  """
+  values = list(values)
+  try:
+    ints = [int(v) for v in values]
+  except ValueError as e:
+    raise ValueError(f"--seeds must be integers, got {values}") from e
+  if len(ints) == 1:
+    if ints[0] < 1:
+      raise ValueError(f"--seeds count must be positive, got {ints[0]}")
+    return list(range(ints[0]))
+  return ints
