@@ -88,6 +88,18 @@ def petal_latents(key, per_petal: int = 10) -> np.ndarray:
   return np.asarray(z)[order]
 
 
+def plot_image_row(path: str | os.PathLike, images, title: str = "") -> None:
+  """One row of ``[k, 28, 28(, 1)]`` images (e.g. the decoded vertices of a simplex)."""
+  images = np.asarray(images)
+  fig, ax = plt.subplots(figsize=(0.55 * len(images) + 0.8, 1.2), dpi=100)
+  _image_grid(ax, images, 1, len(images))
+  ax.set_yticks([])
+  ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
 def _image_grid(ax, images, rows: int, cols: int) -> None:
   images = np.asarray(images).reshape(rows, cols, 28, 28)
   ax.imshow(images.transpose(0, 2, 1, 3).reshape(rows * 28, cols * 28), cmap="gray", vmin=0, vmax=1)
@@ -95,13 +107,19 @@ def _image_grid(ax, images, rows: int, cols: int) -> None:
   ax.set_yticks(np.arange(rows) * 28 + 14)
 
 
-def plot_samples(path: str | os.PathLike, images, title: str = "") -> None:
-  """10×10 grid of ``[100, 28, 28(, 1)]`` decoded prior samples, row ``j`` from petal ``j``."""
+def plot_samples(
+  path: str | os.PathLike, images, title: str = "", row_label: str | None = "petal"
+) -> None:
+  """10-row grid of ``[10·k, 28, 28(, 1)]`` decoded samples; by default row ``j`` is from
+  petal ``j`` (``row_label=None``: unlabelled rows, for priors without petals)."""
   rows = priors.FLOWER_N_PETALS
   cols = len(images) // rows
   fig, ax = plt.subplots(figsize=(0.55 * cols + 0.8, 0.55 * rows + 0.5), dpi=100)
   _image_grid(ax, images, rows, cols)
-  ax.set_yticklabels([f"petal {j}" for j in range(rows)], fontsize=7)
+  if row_label is None:
+    ax.set_yticks([])
+  else:
+    ax.set_yticklabels([f"{row_label} {j}" for j in range(rows)], fontsize=7)
   ax.set_title(title, fontsize=9)
   fig.tight_layout()
   fig.savefig(path)

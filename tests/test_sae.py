@@ -7,6 +7,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import matplotlib.image
 import numpy as np
 import pytest
 from scipy import stats
@@ -156,3 +157,12 @@ def test_entry_point_rejects_bad_flags(tmp_path):
     out = subprocess.run(base + [flag], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and word in out.stderr, (flag, out.stderr[-500:])
   assert not (tmp_path / "results.md").exists()
+
+
+def test_dirichlet_row_decodes_the_simplex_vertices(tmp_path, tiny):
+  data, clf = tiny
+  config = sae.SAEConfig(row="sae_dirichlet", epochs=1, batch_size=50, eval_every=4, sharp_iters=5)
+  sae.train_and_evaluate(config, str(tmp_path), clf_params=clf, data=data)
+  assert (tmp_path / "vertices.png").is_file()  # one decoded image per vertex of the 16-simplex
+  height, width = matplotlib.image.imread(tmp_path / "vertices.png").shape[:2]
+  assert width > 5 * height

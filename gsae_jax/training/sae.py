@@ -341,10 +341,13 @@ def train_and_evaluate(config: SAEConfig, workdir: str, clf_params=None, data=No
     records.append(rec)
     with open(workdir / "metrics.jsonl", "a") as f:
       f.write(json.dumps(rec) + "\n")
-    fakes = jax.jit(model.decode)(
-      state.params["decoder"], sample(jax.random.fold_in(k_eval, 2), 100)
-    )
-    plotting.plot_samples(workdir / "samples.png", fakes, title=f"{config.row}, step {rec['step']}")
+    decode = jax.jit(model.decode)
+    title = f"{config.row}, step {rec['step']}"
+    fakes = decode(state.params["decoder"], sample(jax.random.fold_in(k_eval, 2), 100))
+    plotting.plot_samples(workdir / "samples.png", fakes, title=title, row_label=None)
+    if model.latent_map == "simplex":  # §6.3: what each vertex of the simplex decodes to
+      vertices = decode(state.params["decoder"], jnp.eye(config.dim))
+      plotting.plot_image_row(workdir / "vertices.png", vertices, title=f"{title}: vertices")
     checkpointing.save(workdir, state, {"step": int(state.step), "records": records})
     _log(
       f"sae: {config.row} seed {config.seed} " + ", ".join(f"{k}={v:.4g}" for k, v in rec.items())
