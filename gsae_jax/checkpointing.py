@@ -205,6 +205,7 @@ def _split(state: Any) -> tuple[dict, dict]:
 
 def _read(path: pathlib.Path) -> tuple[dict, dict]:
   """The raw state dict and header of one Orbax step directory, checked against its layout."""
+  path = path.absolute()  # Orbax refuses relative paths (a relative --workdir is common)
   _drop_late_read_callbacks()
   handler = ocp.CompositeCheckpointHandler()
   with ocp.Checkpointer(handler) as ckptr:

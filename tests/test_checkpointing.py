@@ -75,6 +75,17 @@ def test_the_last_two_steps_are_kept(tmp_path):
   assert header["step"] == 3 and int(restored.step) == 3
 
 
+def test_a_relative_workdir_round_trips(tmp_path, monkeypatch):
+  # `--workdir=runs/x` is relative, and Orbax refuses relative paths: the first resume of a
+  # real run with a relative workdir failed before this.
+  monkeypatch.chdir(tmp_path)
+  state = _state(step=4)
+  checkpointing.save("runs/x", state, {"step": 4})
+  restored, header = checkpointing.restore("runs/x", state)
+  assert header["step"] == 4
+  _assert_same(restored, state)
+
+
 def test_a_save_killed_midway_is_ignored_and_cleaned_up(tmp_path):
   # Orbax writes into <step>.orbax-checkpoint-tmp and renames it when complete.
   state = _state()
