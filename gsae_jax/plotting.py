@@ -100,6 +100,20 @@ def plot_image_row(path: str | os.PathLike, images, title: str = "") -> None:
   plt.close(fig)
 
 
+def plot_labelled_rows(path: str | os.PathLike, images, labels: list[str], title: str = "") -> None:
+  """A grid of ``[len(labels)·k, 28, 28(, 1)]`` images, one labelled row per entry of
+  ``labels`` (e.g. decoded prior samples of several models)."""
+  rows = len(labels)
+  cols = len(images) // rows
+  fig, ax = plt.subplots(figsize=(0.55 * cols + 2.0, 0.55 * rows + 0.5), dpi=100)
+  _image_grid(ax, images, rows, cols)
+  ax.set_yticklabels(labels, fontsize=7)
+  ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
 def _image_grid(ax, images, rows: int, cols: int) -> None:
   images = np.asarray(images).reshape(rows, cols, 28, 28)
   ax.imshow(images.transpose(0, 2, 1, 3).reshape(rows * 28, cols * 28), cmap="gray", vmin=0, vmax=1)

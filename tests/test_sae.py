@@ -106,6 +106,7 @@ def tiny():
 
 def test_tiny_run_writes_its_artefacts_and_resumes(tmp_path, tiny):
   data, clf = tiny
+  tmp_path = tmp_path / "w2gae_seed0"  # the sweep's layout, for the sample sheet below
   config = sae.SAEConfig(row="w2gae", epochs=2, batch_size=50, eval_every=4)
   final = sae.train_and_evaluate(config, str(tmp_path), clf_params=clf, data=data)
   assert set(final) == set(sae.METRICS) and all(np.isfinite(v) for v in final.values())
@@ -117,6 +118,9 @@ def test_tiny_run_writes_its_artefacts_and_resumes(tmp_path, tiny):
   again = sae.train_and_evaluate(config, str(tmp_path), clf_params=clf, data=data)
   assert again == final
   assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+  # The sweep's sample sheet restores each finished run ("w2gae" here; "wae" never ran).
+  sheet = sae.sample_sheet(tmp_path.parent, ["w2gae", "wae"], seed=0, per_row=4)
+  assert sheet.is_file() and sheet.parent == tmp_path.parent
   with pytest.raises(ValueError, match="other settings"):
     sae.train_and_evaluate(
       sae.SAEConfig(row="wae", epochs=2, batch_size=50), str(tmp_path), clf_params=clf, data=data

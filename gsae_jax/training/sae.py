@@ -415,9 +415,34 @@ def write_report(workdir: pathlib.Path, results: dict, command: str = "") -> pat
     )
   if failed:
     lines += ["", "Failed runs (not tabled):", *[f"- {f}" for f in failed]]
+  lines += ["", "Decoded prior samples of each row's first seed:", "", "![samples](samples.png)"]
   path = workdir / "results.md"
   path.write_text("\n".join(lines) + "\n")
   (workdir / "results.json").write_text(json.dumps(results, indent=2))
+  return path
+
+
+def sample_sheet(workdir: pathlib.Path, rows, seed: int, per_row: int = 10) -> pathlib.Path:
+  """``samples.png`` in ``workdir``: ``per_row`` decoded prior samples of each finished row's
+  run ``{row}_seed{seed}``, one labelled row per model, the same prior key for all."""
+  images, labels = [], []
+  for row in rows:
+    run_dir = workdir / f"{row}_seed{seed}"
+    if not (run_dir / "metrics.json").is_file():
+      continue
+    config = SAEConfig(**json.loads((run_dir / "config.json").read_text()))
+    model = make_model(config)
+    params = model.init(jax.random.key(0))
+    template = SAEState(jnp.int32(0), params, optax.adam(1e-3).init(params))
+    state, _ = checkpointing.restore(run_dir, template)
+    z = make_prior(config)(jax.random.key(seed), per_row)
+    images.append(np.asarray(model.decode(state.params["decoder"], z)))
+    labels.append(row)
+  path = workdir / "samples.png"
+  if images:
+    plotting.plot_labelled_rows(
+      path, np.concatenate(images), labels, title=f"decoded prior samples, seed {seed}"
+    )
   return path
 
 
@@ -466,4 +491,5 @@ def run_table(
         results[r][s] = f"{type(e).__name__}: {e}"
         _log(f"sae: {r} seed {s} FAILED: {e}")
     write_report(workdir, results, command)
+  sample_sheet(workdir, rows, seeds[0])
   return results
