@@ -163,6 +163,7 @@ def test_entry_point_rejects_bad_flags(tmp_path):
   assert not (tmp_path / "results.md").exists()
 
 
+@pytest.mark.slow
 def test_dirichlet_row_decodes_the_simplex_vertices(tmp_path, tiny):
   data, clf = tiny
   config = sae.SAEConfig(row="sae_dirichlet", epochs=1, batch_size=50, eval_every=4, sharp_iters=5)
