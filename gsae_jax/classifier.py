@@ -34,7 +34,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import operator
 import os
 import pathlib
 import tempfile
@@ -50,6 +49,7 @@ import scipy.linalg
 from flax import serialization
 
 from gsae_jax.models import IMAGE_SHAPE, bias_init, kernel_init
+from gsae_jax.ot import validation
 
 Params = Any
 """A pytree of classifier parameters (the content of a Linen `variables["params"]`)."""
@@ -156,16 +156,6 @@ def _check_labels(labels, n: int) -> jax.Array:
   return jnp.asarray(labels, jnp.int32)
 
 
-def _positive_int(value, name: str) -> int:
-  try:
-    value = operator.index(value)
-  except TypeError:
-    raise ValueError(f"{name} must be a positive int, got {value!r}") from None
-  if value <= 0:
-    raise ValueError(f"{name} must be a positive int, got {value}")
-  return value
-
-
 # ----------------------------------------------------------------------------------------------
 # Training and evaluation.
 # ----------------------------------------------------------------------------------------------
@@ -231,8 +221,8 @@ def train_classifier(
   images = _check_images(images)
   n = images.shape[0]
   labels = _check_labels(labels, n)
-  steps = _positive_int(steps, "steps")
-  batch_size = _positive_int(batch_size, "batch_size")
+  steps = validation.check_count("steps", steps)
+  batch_size = validation.check_count("batch_size", batch_size)
   if batch_size > n:
     raise ValueError(f"batch_size={batch_size} is larger than the {n} training images")
   try:
@@ -295,7 +285,7 @@ def _map_chunks(fn, params: Params, images: jax.Array, *, chunk: int) -> jax.Arr
 
 def _chunk_size(chunk, n: int) -> int:
   # No bigger than n: a 10-image call need not push 1 000 padded images through the network.
-  return min(_positive_int(chunk, "chunk"), n)
+  return min(validation.check_count("chunk", chunk), n)
 
 
 def features(params: Params, images, *, chunk: int = 1000) -> jax.Array:

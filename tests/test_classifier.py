@@ -232,13 +232,13 @@ def test_training_input_errors(mnist):
     classifier.train_classifier(key, x, y + 10)
   with pytest.raises(ValueError, match="batch_size=21 is larger"):
     classifier.train_classifier(key, x, y, batch_size=21)
-  with pytest.raises(ValueError, match="steps must be a positive int"):
+  with pytest.raises(ValueError, match="`steps` must be a positive int"):
     classifier.train_classifier(key, x, y, steps=0)
   with pytest.raises(ValueError, match="learning_rate"):
     classifier.train_classifier(key, x, y, batch_size=16, learning_rate=float("nan"))
   with pytest.raises(ValueError, match="max_shift"):
     classifier.train_classifier(key, x, y, batch_size=16, max_shift=-1)
-  with pytest.raises(ValueError, match="chunk must be a positive int"):
+  with pytest.raises(ValueError, match="`chunk` must be a positive int"):
     classifier.features(None, x, chunk=0)  # rejected before the parameters are used
 
 
