@@ -134,13 +134,13 @@ _RESUMABLE_CHANGES = ("epochs", "eval_every", "log_every_s", "ot_backend")
 
 
 def config_differences(
-  saved: dict[str, Any], config: ExperimentConfig, ignore: tuple[str, ...] = _RESUMABLE_CHANGES
+  saved: dict[str, Any], config: Any, ignore: tuple[str, ...] = _RESUMABLE_CHANGES
 ) -> dict[str, tuple[Any, Any]]:
-  """``{name: (saved, asked)}`` for the settings of ``config`` that differ from a saved
-  ``config.json`` (the one resume-compatibility check), except those in ``ignore``. A setting
-  missing from ``saved`` (added after it was written) counts as its default: the behaviour
-  before the setting existed."""
-  defaults = {f.name: f.default for f in dataclasses.fields(ExperimentConfig)}
+  """``{name: (saved, asked)}`` for the settings of ``config`` (a config dataclass such as
+  :class:`ExperimentConfig`) that differ from a saved ``config.json`` (the one
+  resume-compatibility check), except those in ``ignore``. A setting missing from ``saved``
+  (added after it was written) counts as its default: the behaviour before it existed."""
+  defaults = {f.name: f.default for f in dataclasses.fields(config)}
   saved = {**defaults, **saved}
   return {
     k: (saved.get(k), v)

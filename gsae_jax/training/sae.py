@@ -39,6 +39,7 @@ import optax
 from gsae_jax import checkpointing, classifier, plotting, priors, regularizers
 from gsae_jax.data import load_dataset
 from gsae_jax.models import Autoencoder, latent_map_for_prior, make_autoencoder
+from gsae_jax.training.loop import config_differences
 
 
 class Row(NamedTuple):
@@ -224,12 +225,15 @@ def make_loss(config: SAEConfig, model: Autoencoder):
 
 
 def make_train_step(config: SAEConfig, model: Autoencoder):
-  """The jitted ``(state, x, key) -> (state, {"loss", "reconstruction", "regularizer"})``."""
+  """The jitted ``(state, images, idx, key) -> (state, {"loss", "reconstruction",
+  "regularizer"})`` on the batch ``images[idx]`` (the training set is an argument, gathered
+  inside the step), and its optimiser."""
   opt = optax.adam(config.learning_rate, b1=config.b1, b2=config.b2)
   loss = make_loss(config, model)
 
-  def step(state: SAEState, x, key):
-    (value, (d_val, r_val)), grads = jax.value_and_grad(loss, has_aux=True)(state.params, x, key)
+  def step(state: SAEState, images, idx, key):
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
+    (value, (d_val, r_val)), grads = grad_fn(state.params, images[idx], key)
     updates, opt_state = opt.update(grads, state.opt_state, state.params)
     new = SAEState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
     return new, {"loss": value, "reconstruction": d_val, "regularizer": r_val}
@@ -237,25 +241,25 @@ def make_train_step(config: SAEConfig, model: Autoencoder):
   return jax.jit(step, donate_argnums=0), opt
 
 
-def evaluate(
-  config: SAEConfig, model: Autoencoder, params, test_images, clf_params, key
-) -> dict[str, float]:
+def evaluate(config: SAEConfig, encode, decode, params, test_images, clf_params, key) -> dict:
   """The paper's columns on the test set: ``mmd_x100``, ``reconstruction``, ``fid_like``.
 
   Args:
-    config, model: the run.
+    config: the run.
+    encode, decode: the model's jitted ``encode(enc_params, x)`` and ``decode(dec_params, z)``
+      (built once per run).
     params: the autoencoder's parameters.
     test_images: ``[N, 28, 28, 1]``.
     clf_params: the feature classifier (:func:`gsae_jax.classifier.train_classifier`).
     key: the evaluation key (one prior sample for the MMD, one to decode).
   """
   n = test_images.shape[0]
-  z = jax.jit(model.encode)(params["encoder"], test_images)
-  recon = jax.jit(model.decode)(params["decoder"], z)
+  z = encode(params["encoder"], test_images)
+  recon = decode(params["decoder"], z)
   k_mmd, k_gen = jax.random.split(key)
   sample = make_prior(config)
   mmd = float(regularizers.mmd_squared(z, sample(k_mmd, n)))
-  fakes = jax.jit(model.decode)(params["decoder"], sample(k_gen, n))
+  fakes = decode(params["decoder"], sample(k_gen, n))
   return {
     "mmd_x100": 100.0 * mmd,
     "reconstruction": float(_sum_sq(recon, test_images)),
@@ -301,12 +305,7 @@ def train_and_evaluate(config: SAEConfig, workdir: str, clf_params=None, data=No
   if checkpointing.exists(workdir):
     if not saved.is_file():
       raise ValueError(f"{workdir} holds a checkpoint but no config.json; use another --workdir.")
-    old = json.loads(saved.read_text())
-    diff = {
-      k: (old.get(k), v)
-      for k, v in dataclasses.asdict(config).items()
-      if k not in ("epochs", "eval_every") and old.get(k) != v
-    }
+    diff = config_differences(json.loads(saved.read_text()), config, ("epochs", "eval_every"))
     if diff:
       raise ValueError(f"{workdir} holds a run with other settings {diff} (saved, asked).")
   if data is None:
@@ -334,14 +333,14 @@ def train_and_evaluate(config: SAEConfig, workdir: str, clf_params=None, data=No
   images = jax.device_put(jnp.asarray(data.train_images))
   test_images = jnp.asarray(data.test_images)
   sample = make_prior(config)
+  encode, decode = jax.jit(model.encode), jax.jit(model.decode)
 
   def evaluate_and_save(last):
-    scores = evaluate(config, model, state.params, test_images, clf_params, k_eval)
+    scores = evaluate(config, encode, decode, state.params, test_images, clf_params, k_eval)
     rec = {"step": int(state.step), **{f"train_{k}": v for k, v in last.items()}, **scores}
     records.append(rec)
     with open(workdir / "metrics.jsonl", "a") as f:
       f.write(json.dumps(rec) + "\n")
-    decode = jax.jit(model.decode)
     title = f"{config.row}, step {rec['step']}"
     fakes = decode(state.params["decoder"], sample(jax.random.fold_in(k_eval, 2), 100))
     plotting.plot_samples(workdir / "samples.png", fakes, title=title, row_label=None)
@@ -359,7 +358,7 @@ def train_and_evaluate(config: SAEConfig, workdir: str, clf_params=None, data=No
     if pos == 0 or step == start:
       perm = jax.random.permutation(jax.random.fold_in(k_data, epoch), n)
     idx = jax.lax.dynamic_slice_in_dim(perm, pos * config.batch_size, config.batch_size)
-    state, out = step_fn(state, images[idx], jax.random.fold_in(k_train, step))
+    state, out = step_fn(state, images, idx, jax.random.fold_in(k_train, step))
     done = step + 1
     if done % config.eval_every == 0 or done == total:
       last = {k: float(v) for k, v in out.items()}
