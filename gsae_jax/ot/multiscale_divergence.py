@@ -4,15 +4,17 @@ Same divergence, schedule and update order as the dense backend (GeomLoss
 ``SamplesLoss("sinkhorn", p=2)``, Feydy et al. 2019; cost ``C = ½‖x − y‖²``, ``ε = blur²``),
 with two scales, as GeomLoss's ``multiscale`` backend:
 
-1. **Coarse phase.** While ``√ε`` is at least the cell side of a static ``K^d`` grid
-   (:mod:`gsae_jax.ot.clusters`; 128² cells in 2-D, 16³ in 3-D), the annealing runs on the
-   cells' mass-weighted centroids, through the same block-sparse softmin as the points: the
-   occupied cells first along the grid's Hilbert curve, the empty ones marked invalid, so
-   only occupied cells and their relevant tiles cost anything.
-2. **Jump.** Each potential moves to the points as its cell's coarse value plus the
-   within-cell variation of one fresh (block-sparse) softmin of the points against the
-   centroids, which keeps the lag of the annealed potentials (GeomLoss's bare softmin
-   extrapolation does not; BUILD_NOTES.md, "Multiscale backend").
+1. **Coarse phase.** While ``√ε`` is at least the cell side of static nested ``K^d`` grids
+   (:mod:`gsae_jax.ot.clusters`; 128² then 256² cells in 2-D, 16³ in 3-D), the annealing
+   runs on the cells' mass-weighted centroids, each level on the coarsest grid fine enough
+   for it, through the same block-sparse softmin as the points: the occupied cells first
+   along the grid's Hilbert curve, the empty ones marked invalid, so only occupied cells and
+   their relevant tiles cost anything.
+2. **Jumps.** Each potential moves to the next grid's cells, and from the finest grid to the
+   points, as its cell's coarse value plus the within-cell variation of one fresh
+   (block-sparse) softmin of the new rows against the centroids, which keeps the lag of the
+   annealed potentials (GeomLoss's bare softmin extrapolation does not; BUILD_NOTES.md,
+   "Multiscale backend").
 3. **Fine phase.** Every later update, the final extrapolation and the converged-mode tail
    use the block-sparse softmin of :mod:`gsae_jax.ot.multiscale`: the tiles are selected
    afresh from the current potentials for every softmin (:func:`multiscale.select_tiles`),
@@ -44,22 +46,24 @@ from gsae_jax.ot.softmin import softmin_kernel
 
 sg = jax.lax.stop_gradient
 
-# Cells of the coarse grid in all (K^d): K = 128 in d = 2, 16 in d = 3. Only occupied cells
-# cost anything, so a finer grid than GeomLoss's ≈ 2 000 clusters (MULTISCALE.md §2) is
-# cheap, and it moves the jump to a smaller ε, where the fine levels are sparser (BUILD_NOTES,
-# "Multiscale backend").
-_GRID_CELLS = {1: 4096, 2: 16384, 3: 4096}
-# The coarse phase runs while √ε ≥ this many cell sides. In d = 3 (16³ cells) jumping at one
-# cell left the gradient 8–19 % off dense (n = 1 500); at four cells it is within 5 %
-# (BUILD_NOTES.md, "Multiscale backend").
-_JUMP_CELLS = {1: 1.0, 2: 1.0, 3: 4.0}
+# Cells of the coarse grids in all (K^d), coarse to fine: 128² then 256² in d = 2, 16³ in
+# d = 3. Only occupied cells cost anything; the finer grid moves the jump to the points to a
+# smaller ε, where the fine levels are sparser, and the coarser one keeps the large-ε levels
+# (where every cell pair is relevant) cheap. A third, 64² grid was faster still but moved the
+# outlier case's value 15 % from dense instead of 4 % (BUILD_NOTES, "Multiscale backend").
+_GRID_CELLS = {1: (4096,), 2: (16384, 65536), 3: (4096,)}
+# A grid's levels run while √ε ≥ this many of its cell sides (per grid). In d = 3 (16³ cells)
+# jumping at one cell left the gradient 8–19 % off dense (n = 1 500); at four cells it is
+# within 5 % (BUILD_NOTES.md, "Multiscale backend").
+_JUMP_CELLS = {1: (1.0,), 2: (1.0, 1.0), 3: (4.0,)}
 # Cells per block of the coarse cloud.
 _CELL_BLOCK = 128
 
 
-def grid_per_axis(d: int) -> int:
-  """``K`` of the coarse ``K^d`` grid in dimension ``d``."""
-  return max(2, round(_GRID_CELLS[d] ** (1.0 / d)))
+def grid_sizes(d: int) -> tuple[int, ...]:
+  """``K`` of each coarse ``K^d`` grid in dimension ``d``, coarse to fine (nested: each ``K``
+  a multiple of the previous one, over the same box)."""
+  return tuple(max(2, round(cells ** (1.0 / d))) for cells in _GRID_CELLS[d])
 
 
 def _capacity_from_fraction(n_row_blocks: int, n_col_blocks: int, fraction: float) -> int:
@@ -141,7 +145,8 @@ _COL_POT = (1, 0, 2, 3)
 def _fine_softmin(rows, cols, f_rows, g_cols, eps, truncate, capacity, chunk, stats: _Stats):
   """Block-sparse softmin of ``g_cols`` onto the rows, tiles chosen from ``(f_rows, g_cols)``;
   the dense kernel when the tile list overflows. Returns ``(f̃ [nb, B], stats)``."""
-  tiles = multiscale.select_tiles(rows, cols, sg(f_rows), sg(g_cols), sg(eps), truncate, capacity)
+  with jax.named_scope("select_tiles"):
+    tiles = multiscale.select_tiles(rows, cols, sg(f_rows), sg(g_cols), sg(eps), truncate, capacity)
   over = multiscale.overflowed(tiles)
   g = jnp.where(cols.valid, g_cols, 0.0)
 
@@ -208,65 +213,89 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings, init=None) -> 
     return side_softmin(side, rows_all, cols_all, pots, eps, capacity, stats, rows=rows)
 
   def cold_start():
-    """The coarse phase and the jump: ``(updates run, potentials [4, nb, B])``."""
-    # ---- coarse phase: the annealing on the grid's cell centroids (true potentials), through
-    # the same block-sparse softmin: non-empty cells first in Hilbert order, empty cells invalid
-    # (never computed, never a column), so only the ≈ 25 % of occupied cells cost anything.
-    grid = clusters.make_grid(xs, ys, grid_per_axis(d))
-    cells = tuple(
-      _cell_blocks(grid, *clusters.cluster(grid, p, lw)) for p, lw in ((xs, las), (ys, lbs))
-    )
-    c_rows = _stack(*(cells[i] for i in _ROW_CLOUD[:n_sides]))
-    c_cols = _stack(*(cells[i] for i in _COL_CLOUD[:n_sides]))
-    nbc = cells[0].valid.shape[0]
+    """The coarse phase and the jumps: ``(updates run, potentials [4, nb, B], stats)``."""
+    # ---- coarse phase: the annealing on the cell centroids of nested grids (true
+    # potentials), through the same block-sparse softmin: occupied cells first in Hilbert
+    # order, empty cells invalid (never computed, never a column), so only occupied cells cost
+    # anything. Each level runs on the coarsest grid whose cell is at most √ε / its _JUMP_CELLS.
+    levels = []
+    for per_axis, jump_cells in zip(grid_sizes(d), _JUMP_CELLS[d], strict=True):
+      grid = clusters.make_grid(xs, ys, per_axis)
+      cells = tuple(
+        _cell_blocks(grid, *clusters.cluster(grid, p, lw)) for p, lw in ((xs, las), (ys, lbs))
+      )
+      # Schedule entries with σ ≥ _JUMP_CELLS · cell: the init at D², then the intermediate
+      # σ_k = D·scaling^(k−1) ≥ that; the last update (ε = blur²) is always on the points.
+      ratio = (jnp.log(jump_cells * grid.cell) - jnp.log(diam)) / jnp.log(scaling)
+      n_mid_here = jnp.clip(jnp.floor(ratio) + 1, 0, n_mid).astype(jnp.int32)
+      levels.append((grid, cells, jnp.minimum(1 + n_mid_here, n_sched - 1)))
 
-    def coarse_update(pots, eps):  # [4, nbc, Bc] -> [n_sides, nbc, Bc]
+    def coarse_update(cells, pots, eps):  # [4, nbc, Bc] -> [n_sides, nbc, Bc]
+      c_rows = _stack(*(cells[i] for i in _ROW_CLOUD[:n_sides]))
+      c_cols = _stack(*(cells[i] for i in _COL_CLOUD[:n_sides]))
+      nbc = cells[0].valid.shape[0]
+
       def step(_, side):
         return None, side_softmin(side, c_rows, c_cols, pots, eps, nbc * nbc, zero_stats)[0]
 
       return jax.lax.scan(step, None, jnp.arange(n_sides))[1]
 
-    # Coarse while √ε ≥ the cell side (times _JUMP_CELLS; GeomLoss jumps once blur < its
-    # cluster scale): the init at D², then the intermediate σ_k = D·scaling^(k−1) ≥ that; the
-    # last update (ε = blur²) is always on the points.
-    ratio = (jnp.log(_JUMP_CELLS[d] * grid.cell) - jnp.log(diam)) / jnp.log(scaling)
-    n_mid_coarse = jnp.clip(jnp.floor(ratio) + 1, 0, n_mid).astype(jnp.int32)
-    n_coarse = jnp.minimum(1 + n_mid_coarse, n_sched - 1)
+    def anneal(cells, k, pots, n_end):
+      def body(carry):
+        k, pots = carry
+        new = coarse_update(cells, pots, eps_k(k))
+        return k + 1, pots.at[:n_sides].set(0.5 * (pots[:n_sides] + new))
 
-    def coarse_body(carry):
-      k, pots = carry
-      new = coarse_update(pots, eps_k(k))
-      return k + 1, pots.at[:n_sides].set(0.5 * (pots[:n_sides] + new))
+      return jax.lax.while_loop(lambda c: c[0] < n_end, body, (k, pots))
 
-    zeros_c = jnp.zeros((4,) + cells[0].valid.shape, dtype)
-    coarse0 = zeros_c.at[:n_sides].set(coarse_update(zeros_c, diam**2))
-    k, coarse = jax.lax.while_loop(lambda c: c[0] < n_coarse, coarse_body, (jnp.int32(0), coarse0))
-
-    # ---- jump: potentials on the points. The annealed potentials lag (each is the average of
-    # the previous one and a fresh softmin), so a bare softmin of the coarse potentials would
-    # jump to another trajectory. Instead each point takes its cell's coarse value plus the
-    # within-cell variation of the fresh softmin: f(x_i) = F(c_i) + S(G)(x_i) − S(G)(c_i).
-    eps_jump = jnp.where(k > 0, eps_k(jnp.maximum(k - 1, 0)), diam**2)
-    fresh_c = coarse_update(coarse, eps_jump)
-    # Per side, in the grid's cell order: the coarse potential and the fresh softmin at the cells.
-    own_cells, fresh_cells = (
-      jnp.stack([multiscale.from_blocks(cells[_ROW_CLOUD[i]], v[i]) for i in range(n_sides)])
-      for v in (coarse, fresh_c)
-    )
-    pts = jnp.stack([_flat(bx)[0], _flat(by)[0]])  # [2, nb·B, d]
-    cell_of = jax.vmap(lambda p: clusters.cell_index(grid, p))(pts)
-    cell_of = cell_of[jnp.asarray(_ROW_CLOUD[:n_sides])]
-
-    def jump_side(_, side):
-      own = own_cells[side][cell_of[side]].reshape(nb, -1)
-      at_c = fresh_cells[side][cell_of[side]].reshape(nb, -1)
-      fresh_p, _ = side_softmin(
-        side, rows_all, c_cols, coarse, eps_jump, nb * nbc, zero_stats, est=at_c
+    def jump(grid, cells, pots, new_clouds, eps):
+      """Potentials on the rows of ``new_clouds`` (the next grid's cells, or the points). The
+      annealed potentials lag (each is the average of the previous one and a fresh softmin),
+      so a bare softmin of the coarse potentials would jump to another trajectory. Instead
+      each row takes its cell's coarse value plus the within-cell variation of the fresh
+      softmin: f(x_i) = F(c_i) + S(G)(x_i) − S(G)(c_i)."""
+      fresh_c = coarse_update(cells, pots, eps)
+      # Per side, in the grid's cell order: the coarse potential and the fresh softmin there.
+      own_cells, fresh_cells = (
+        jnp.stack([multiscale.from_blocks(cells[_ROW_CLOUD[i]], v[i]) for i in range(n_sides)])
+        for v in (pots, fresh_c)
       )
-      return None, own + fresh_p - at_c
+      new_rows = _stack(*(new_clouds[i] for i in _ROW_CLOUD[:n_sides]))
+      c_cols = _stack(*(cells[i] for i in _COL_CLOUD[:n_sides]))
+      pts = jnp.stack([_flat(b)[0] for b in new_clouds])  # [2, nb'·B', d]
+      cell_of = jax.vmap(lambda p: clusters.cell_index(grid, p))(pts)
+      cell_of = cell_of[jnp.asarray(_ROW_CLOUD[:n_sides])]
+      nb_new, nbc = new_clouds[0].valid.shape[0], cells[0].valid.shape[0]
 
-    jumped = jax.lax.scan(jump_side, None, jnp.arange(n_sides))[1]  # [n_sides, nb, B]
-    return k, jnp.zeros((4,) + jumped.shape[1:], dtype).at[:n_sides].set(jumped), zero_stats
+      def jump_side(_, side):
+        own = own_cells[side][cell_of[side]].reshape(nb_new, -1)
+        at_c = fresh_cells[side][cell_of[side]].reshape(nb_new, -1)
+        fresh_p, _ = side_softmin(
+          side, new_rows, c_cols, pots, eps, nb_new * nbc, zero_stats, est=at_c
+        )
+        return None, own + fresh_p - at_c
+
+      jumped = jax.lax.scan(jump_side, None, jnp.arange(n_sides))[1]  # [n_sides, nb', B']
+      return jnp.zeros((4,) + jumped.shape[1:], dtype).at[:n_sides].set(jumped)
+
+    k = jnp.int32(0)
+    for g, (_, cells, n_end) in enumerate(levels):
+      with jax.named_scope("coarse"):
+        if g == 0:
+          zeros_c = jnp.zeros((4,) + cells[0].valid.shape, dtype)
+          pots = zeros_c.at[:n_sides].set(coarse_update(cells, zeros_c, diam**2))
+        else:  # onto this grid's cells, at the ε of the last level run
+          prev_grid, prev_cells, _ = levels[g - 1]
+          pots = jump(prev_grid, prev_cells, pots, cells, eps_run(k))
+        k, pots = anneal(cells, k, pots, n_end)
+    grid, cells, _ = levels[-1]
+    with jax.named_scope("jump"):
+      pots = jump(grid, cells, pots, clouds, eps_run(k))
+    return k, pots, zero_stats
+
+  def eps_run(k):
+    """ε of the last schedule entry run after ``k`` updates (the init's D² before any)."""
+    return jnp.where(k > 0, eps_k(jnp.maximum(k - 1, 0)), diam**2)
 
   def warm_start():
     """``init`` in block layout; a target sample with no potential gets the softmin of
@@ -333,7 +362,8 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings, init=None) -> 
     return (k < n_sched) | ((k < n_total) & (jnp.max(viols) > tol_))
 
   viols0 = jnp.full((n_sides,), inf)
-  k, pots, stats, viols = jax.lax.while_loop(fine_cond, fine_body, (k, pots, stats0, viols0))
+  with jax.named_scope("fine"):
+    k, pots, stats, viols = jax.lax.while_loop(fine_cond, fine_body, (k, pots, stats0, viols0))
   converged = jnp.asarray(False) if tol is None else ok & (jnp.max(viols) <= tol)
 
   # ---- final extrapolation: rows carry gradient (envelope), columns and potentials do not.
@@ -353,7 +383,8 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings, init=None) -> 
   ext = [None] * n_sides
   for cloud, sides in enumerate(by_cloud):
     rows = jnp.stack([live[cloud]] * len(sides))
-    stats, out = jax.lax.scan(ext_step, stats, (jnp.asarray(sides), rows))
+    with jax.named_scope("extrapolate"):
+      stats, out = jax.lax.scan(ext_step, stats, (jnp.asarray(sides), rows))
     for i, side in enumerate(sides):
       ext[side] = out[i]
   ext = jnp.stack(ext)
