@@ -91,7 +91,7 @@ def test_annealed_matches_dense(case, d):
   strict=True,
   reason="known limit (BUILD_NOTES, Multiscale): with isolated outliers the annealed value "
   "(here -0.042, an unconverged artefact) follows another trajectory after the coarse phase; "
-  "measured 4 % off (0.0016 absolute), gradient within 0.5 %",
+  "measured 5 % off (0.002 absolute), gradient within 0.6 %",
 )
 def test_annealed_outlier_value():
   x, y, a, b = make_case("outliers", 2)

@@ -5,7 +5,7 @@ Same divergence, schedule and update order as the dense backend (GeomLoss
 with two scales, as GeomLoss's ``multiscale`` backend:
 
 1. **Coarse phase.** While ``√ε`` is at least the cell side of static nested ``K^d`` grids
-   (:mod:`gsae_jax.ot.clusters`; 128² then 256² cells in 2-D, 16³ in 3-D), the annealing
+   (:mod:`gsae_jax.ot.clusters`; 64², 128², 256² cells in 2-D, 16³ in 3-D), the annealing
    runs on the cells' mass-weighted centroids, each level on the coarsest grid fine enough
    for it, through the same block-sparse softmin as the points: the occupied cells first
    along the grid's Hilbert curve, the empty ones marked invalid, so only occupied cells and
@@ -46,16 +46,17 @@ from gsae_jax.ot.softmin import softmin_kernel
 
 sg = jax.lax.stop_gradient
 
-# Cells of the coarse grids in all (K^d), coarse to fine: 128² then 256² in d = 2, 16³ in
-# d = 3. Only occupied cells cost anything; the finer grid moves the jump to the points to a
-# smaller ε, where the fine levels are sparser, and the coarser one keeps the large-ε levels
-# (where every cell pair is relevant) cheap. A third, 64² grid was faster still but moved the
-# outlier case's value 15 % from dense instead of 4 % (BUILD_NOTES, "Multiscale backend").
-_GRID_CELLS = {1: (4096,), 2: (16384, 65536), 3: (4096,)}
-# A grid's levels run while √ε ≥ this many of its cell sides (per grid). In d = 3 (16³ cells)
-# jumping at one cell left the gradient 8–19 % off dense (n = 1 500); at four cells it is
-# within 5 % (BUILD_NOTES.md, "Multiscale backend").
-_JUMP_CELLS = {1: (1.0,), 2: (1.0, 1.0), 3: (4.0,)}
+# Cells of the coarse grids in all (K^d), coarse to fine: 64², 128², 256² in d = 2, 16³ in
+# d = 3. Only occupied cells cost anything; the finest grid moves the jump to the points to a
+# smaller ε, where the fine levels are sparser, and the coarser ones keep the large-ε levels
+# (where every cell pair is relevant) cheap: a trained encoder's latents occupy many more
+# 128² cells than the flower does (BUILD_NOTES, "Multiscale backend").
+_GRID_CELLS = {1: (4096,), 2: (4096, 16384, 65536), 3: (4096,)}
+# A grid's levels run while √ε ≥ this many of its cell sides. In d = 3 (16³ cells) jumping at
+# one cell left the gradient 8–19 % off dense (n = 1 500); at four cells it is within 5 %. The
+# 64² grid stops at eight cells: at one it moved the isolated-outlier case 15 % from dense, at
+# eight 5 % (BUILD_NOTES.md, "Multiscale backend").
+_JUMP_CELLS = {1: (1.0,), 2: (8.0, 1.0, 1.0), 3: (4.0,)}
 # Cells per block of the coarse cloud.
 _CELL_BLOCK = 128
 
@@ -279,8 +280,8 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings, init=None) -> 
       return jnp.zeros((4,) + jumped.shape[1:], dtype).at[:n_sides].set(jumped)
 
     k = jnp.int32(0)
-    for g, (_, cells, n_end) in enumerate(levels):
-      with jax.named_scope("coarse"):
+    for g, (grid, cells, n_end) in enumerate(levels):
+      with jax.named_scope("coarse"), jax.named_scope(f"grid{grid.per_axis}"):
         if g == 0:
           zeros_c = jnp.zeros((4,) + cells[0].valid.shape, dtype)
           pots = zeros_c.at[:n_sides].set(coarse_update(cells, zeros_c, diam**2))
