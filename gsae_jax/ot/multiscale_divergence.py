@@ -46,25 +46,17 @@ from gsae_jax.ot.softmin import softmin_kernel
 
 sg = jax.lax.stop_gradient
 
-# Cells of the coarse grids in all (K^d), coarse to fine: 64², 128², 256² in d = 2, 16³ in
-# d = 3. Only occupied cells cost anything; the finest grid moves the jump to the points to a
-# smaller ε, where the fine levels are sparser, and the coarser ones keep the large-ε levels
-# (where every cell pair is relevant) cheap: a trained encoder's latents occupy many more
-# 128² cells than the flower does (BUILD_NOTES, "Multiscale backend").
-_GRID_CELLS = {1: (4096,), 2: (4096, 16384, 65536), 3: (4096,)}
-# A grid's levels run while √ε ≥ this many of its cell sides. In d = 3 (16³ cells) jumping at
-# one cell left the gradient 8–19 % off dense (n = 1 500); at four cells it is within 5 %. The
-# 64² grid stops at eight cells: at one it moved the isolated-outlier case 15 % from dense, at
-# eight 5 % (BUILD_NOTES.md, "Multiscale backend").
-_JUMP_CELLS = {1: (1.0,), 2: (8.0, 1.0, 1.0), 3: (4.0,)}
+# The coarse grids, coarse to fine, as (K, J): a static K^d grid over the joint box whose
+# levels run while √ε ≥ J of its cell sides. Only occupied cells cost anything; the finest
+# grid moves the jump to the points to a smaller ε, where the fine levels are sparser, and the
+# coarser ones keep the large-ε levels (every cell pair relevant) cheap: a trained encoder's
+# latents occupy many more 128² cells than the flower does. In d = 3 jumping at one cell
+# left the gradient 8–19 % off dense (n = 1 500), at four within 5 %; the 64² grid stops at
+# eight cells: at one it moved the isolated-outlier case 15 % from dense, at eight 5 %
+# (BUILD_NOTES.md, "Multiscale backend").
+_GRIDS = {1: ((4096, 1.0),), 2: ((64, 8.0), (128, 1.0), (256, 1.0)), 3: ((16, 4.0),)}
 # Cells per block of the coarse cloud.
 _CELL_BLOCK = 128
-
-
-def grid_sizes(d: int) -> tuple[int, ...]:
-  """``K`` of each coarse ``K^d`` grid in dimension ``d``, coarse to fine (nested: each ``K``
-  a multiple of the previous one, over the same box)."""
-  return tuple(max(2, round(cells ** (1.0 / d))) for cells in _GRID_CELLS[d])
 
 
 def _capacity_from_fraction(n_row_blocks: int, n_col_blocks: int, fraction: float) -> int:
@@ -218,22 +210,23 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings, init=None) -> 
     # ---- coarse phase: the annealing on the cell centroids of nested grids (true
     # potentials), through the same block-sparse softmin: occupied cells first in Hilbert
     # order, empty cells invalid (never computed, never a column), so only occupied cells cost
-    # anything. Each level runs on the coarsest grid whose cell is at most √ε / its _JUMP_CELLS.
-    levels = []
-    for per_axis, jump_cells in zip(grid_sizes(d), _JUMP_CELLS[d], strict=True):
+    # anything. Each level runs on the coarsest grid whose cell is at most √ε / its J (_GRIDS).
+    levels = []  # per grid: (grid, cells of x and y, their rows and columns per side, n_end)
+    for per_axis, jump_cells in _GRIDS[d]:
       grid = clusters.make_grid(xs, ys, per_axis)
       cells = tuple(
         _cell_blocks(grid, *clusters.cluster(grid, p, lw)) for p, lw in ((xs, las), (ys, lbs))
       )
-      # Schedule entries with σ ≥ _JUMP_CELLS · cell: the init at D², then the intermediate
+      c_rows = _stack(*(cells[i] for i in _ROW_CLOUD[:n_sides]))
+      c_cols = _stack(*(cells[i] for i in _COL_CLOUD[:n_sides]))
+      # Schedule entries with σ ≥ jump_cells · cell: the init at D², then the intermediate
       # σ_k = D·scaling^(k−1) ≥ that; the last update (ε = blur²) is always on the points.
       ratio = (jnp.log(jump_cells * grid.cell) - jnp.log(diam)) / jnp.log(scaling)
       n_mid_here = jnp.clip(jnp.floor(ratio) + 1, 0, n_mid).astype(jnp.int32)
-      levels.append((grid, cells, jnp.minimum(1 + n_mid_here, n_sched - 1)))
+      levels.append((grid, cells, c_rows, c_cols, jnp.minimum(1 + n_mid_here, n_sched - 1)))
 
-    def coarse_update(cells, pots, eps):  # [4, nbc, Bc] -> [n_sides, nbc, Bc]
-      c_rows = _stack(*(cells[i] for i in _ROW_CLOUD[:n_sides]))
-      c_cols = _stack(*(cells[i] for i in _COL_CLOUD[:n_sides]))
+    def coarse_update(level, pots, eps):  # [4, nbc, Bc] -> [n_sides, nbc, Bc]
+      _, cells, c_rows, c_cols, _ = level
       nbc = cells[0].valid.shape[0]
 
       def step(_, side):
@@ -241,28 +234,28 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings, init=None) -> 
 
       return jax.lax.scan(step, None, jnp.arange(n_sides))[1]
 
-    def anneal(cells, k, pots, n_end):
+    def anneal(level, k, pots):
       def body(carry):
         k, pots = carry
-        new = coarse_update(cells, pots, eps_k(k))
+        new = coarse_update(level, pots, eps_k(k))
         return k + 1, pots.at[:n_sides].set(0.5 * (pots[:n_sides] + new))
 
-      return jax.lax.while_loop(lambda c: c[0] < n_end, body, (k, pots))
+      return jax.lax.while_loop(lambda c: c[0] < level[-1], body, (k, pots))
 
-    def jump(grid, cells, pots, new_clouds, eps):
-      """Potentials on the rows of ``new_clouds`` (the next grid's cells, or the points). The
+    def jump(level, pots, new_clouds, new_rows, eps):
+      """Potentials on the rows of ``new_clouds`` (the next grid's cells, or the points;
+      ``new_rows`` their per-side stack) from those of ``level``'s grid. The
       annealed potentials lag (each is the average of the previous one and a fresh softmin),
       so a bare softmin of the coarse potentials would jump to another trajectory. Instead
       each row takes its cell's coarse value plus the within-cell variation of the fresh
       softmin: f(x_i) = F(c_i) + S(G)(x_i) − S(G)(c_i)."""
-      fresh_c = coarse_update(cells, pots, eps)
+      grid, cells, _, c_cols, _ = level
+      fresh_c = coarse_update(level, pots, eps)
       # Per side, in the grid's cell order: the coarse potential and the fresh softmin there.
       own_cells, fresh_cells = (
         jnp.stack([multiscale.from_blocks(cells[_ROW_CLOUD[i]], v[i]) for i in range(n_sides)])
         for v in (pots, fresh_c)
       )
-      new_rows = _stack(*(new_clouds[i] for i in _ROW_CLOUD[:n_sides]))
-      c_cols = _stack(*(cells[i] for i in _COL_CLOUD[:n_sides]))
       pts = jnp.stack([_flat(b)[0] for b in new_clouds])  # [2, nb'·B', d]
       cell_of = jax.vmap(lambda p: clusters.cell_index(grid, p))(pts)
       cell_of = cell_of[jnp.asarray(_ROW_CLOUD[:n_sides])]
@@ -280,18 +273,17 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings, init=None) -> 
       return jnp.zeros((4,) + jumped.shape[1:], dtype).at[:n_sides].set(jumped)
 
     k = jnp.int32(0)
-    for g, (grid, cells, n_end) in enumerate(levels):
+    for g, level in enumerate(levels):
+      grid, cells, c_rows, _, _ = level
       with jax.named_scope("coarse"), jax.named_scope(f"grid{grid.per_axis}"):
         if g == 0:
           zeros_c = jnp.zeros((4,) + cells[0].valid.shape, dtype)
-          pots = zeros_c.at[:n_sides].set(coarse_update(cells, zeros_c, diam**2))
+          pots = zeros_c.at[:n_sides].set(coarse_update(level, zeros_c, diam**2))
         else:  # onto this grid's cells, at the ε of the last level run
-          prev_grid, prev_cells, _ = levels[g - 1]
-          pots = jump(prev_grid, prev_cells, pots, cells, eps_run(k))
-        k, pots = anneal(cells, k, pots, n_end)
-    grid, cells, _ = levels[-1]
+          pots = jump(levels[g - 1], pots, cells, c_rows, eps_run(k))
+        k, pots = anneal(level, k, pots)
     with jax.named_scope("jump"):
-      pots = jump(grid, cells, pots, clouds, eps_run(k))
+      pots = jump(levels[-1], pots, clouds, rows_all, eps_run(k))
     return k, pots, zero_stats
 
   def eps_run(k):
