@@ -101,18 +101,31 @@ def _pad_blocks(blocks: multiscale.Blocks, nb: int) -> multiscale.Blocks:
   )
 
 
-def _cell_blocks(grid: clusters.Grid, centroids, log_mass) -> multiscale.Blocks:
+def _cell_blocks(grid: clusters.Grid, centroids, log_mass, max_cells: int):
   """The grid's cells as a cloud in block layout: the occupied cells first, along the Hilbert
-  curve of their integer coordinates (so a block is a compact patch), then the empty ones,
-  marked not valid (never computed as rows, massless as columns)."""
+  curve of their integer coordinates (so a block is a compact patch), then empty ones, marked
+  not valid (never computed as rows, massless as columns). A cloud of n points occupies at
+  most n cells, so only the first ``max_cells`` (≥ n) sorted cells are kept: at small n the
+  fine grids cost what the points do, not ``K^d``.
+
+  Returns ``(blocks, slot)``: ``slot [K^d]`` is each cell's flat position in the block layout
+  (occupied cells only are meaningful; the others are clipped into range)."""
   k = grid.per_axis
   n_cells, d = centroids.shape
   flat = jnp.arange(n_cells, dtype=jnp.int32)
   digits = (flat[:, None] // (k ** jnp.arange(d - 1, -1, -1, dtype=jnp.int32))) % k
   key = multiscale.hilbert_index(digits.astype(jnp.uint32), max(1, (k - 1).bit_length()))
   occupied = log_mass > -jnp.inf
-  perm = jnp.lexsort((key, ~occupied))
-  return multiscale.make_blocks(centroids, log_mass, _CELL_BLOCK, perm=perm, valid=occupied)
+  order = jnp.lexsort((key, ~occupied))[:max_cells]
+  slot = jnp.full((n_cells,), max_cells - 1, jnp.int32).at[order].set(flat[:max_cells])
+  blocks = multiscale.make_blocks(
+    centroids[order],
+    log_mass[order],
+    _CELL_BLOCK,
+    perm=jnp.arange(order.shape[0], dtype=jnp.int32),
+    valid=occupied[order],
+  )
+  return blocks, slot
 
 
 def _stack(*blocks: multiscale.Blocks) -> multiscale.Blocks:
@@ -211,11 +224,16 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings, init=None) -> 
     # potentials), through the same block-sparse softmin: occupied cells first in Hilbert
     # order, empty cells invalid (never computed, never a column), so only occupied cells cost
     # anything. Each level runs on the coarsest grid whose cell is at most √ε / its J (_GRIDS).
-    levels = []  # per grid: (grid, cells of x and y, their rows and columns per side, n_end)
+    levels = []  # per grid: (grid, cells and slots of x and y, rows and columns per side, n_end)
     for per_axis, jump_cells in _GRIDS[d]:
       grid = clusters.make_grid(xs, ys, per_axis)
-      cells = tuple(
-        _cell_blocks(grid, *clusters.cluster(grid, p, lw)) for p, lw in ((xs, las), (ys, lbs))
+      max_cells = min(per_axis**d, -(-max(x.shape[0], y.shape[0]) // _CELL_BLOCK) * _CELL_BLOCK)
+      cells, slots = zip(
+        *(
+          _cell_blocks(grid, *clusters.cluster(grid, p, lw), max_cells)
+          for p, lw in ((xs, las), (ys, lbs))
+        ),
+        strict=True,
       )
       c_rows = _stack(*(cells[i] for i in _ROW_CLOUD[:n_sides]))
       c_cols = _stack(*(cells[i] for i in _COL_CLOUD[:n_sides]))
@@ -223,10 +241,10 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings, init=None) -> 
       # σ_k = D·scaling^(k−1) ≥ that; the last update (ε = blur²) is always on the points.
       ratio = (jnp.log(jump_cells * grid.cell) - jnp.log(diam)) / jnp.log(scaling)
       n_mid_here = jnp.clip(jnp.floor(ratio) + 1, 0, n_mid).astype(jnp.int32)
-      levels.append((grid, cells, c_rows, c_cols, jnp.minimum(1 + n_mid_here, n_sched - 1)))
+      levels.append((grid, cells, slots, c_rows, c_cols, jnp.minimum(1 + n_mid_here, n_sched - 1)))
 
     def coarse_update(level, pots, eps):  # [4, nbc, Bc] -> [n_sides, nbc, Bc]
-      _, cells, c_rows, c_cols, _ = level
+      _, cells, _, c_rows, c_cols, _ = level
       nbc = cells[0].valid.shape[0]
 
       def step(_, side):
@@ -249,21 +267,21 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings, init=None) -> 
       so a bare softmin of the coarse potentials would jump to another trajectory. Instead
       each row takes its cell's coarse value plus the within-cell variation of the fresh
       softmin: f(x_i) = F(c_i) + S(G)(x_i) − S(G)(c_i)."""
-      grid, cells, _, c_cols, _ = level
+      grid, cells, slots, _, c_cols, _ = level
       fresh_c = coarse_update(level, pots, eps)
-      # Per side, in the grid's cell order: the coarse potential and the fresh softmin there.
-      own_cells, fresh_cells = (
-        jnp.stack([multiscale.from_blocks(cells[_ROW_CLOUD[i]], v[i]) for i in range(n_sides)])
-        for v in (pots, fresh_c)
-      )
+      # Per side, in the block layout's flat order: the coarse potential and the fresh softmin.
+      own_cells, fresh_cells = (v[:n_sides].reshape(n_sides, -1) for v in (pots, fresh_c))
       pts = jnp.stack([_flat(b)[0] for b in new_clouds])  # [2, nb'·B', d]
-      cell_of = jax.vmap(lambda p: clusters.cell_index(grid, p))(pts)
-      cell_of = cell_of[jnp.asarray(_ROW_CLOUD[:n_sides])]
+      # Each new row's slot in its own cloud's cell layout of this grid.
+      slot_of = jnp.stack(
+        [sl[clusters.cell_index(grid, p)] for sl, p in zip(slots, pts, strict=True)]
+      )
+      slot_of = slot_of[jnp.asarray(_ROW_CLOUD[:n_sides])]
       nb_new, nbc = new_clouds[0].valid.shape[0], cells[0].valid.shape[0]
 
       def jump_side(_, side):
-        own = own_cells[side][cell_of[side]].reshape(nb_new, -1)
-        at_c = fresh_cells[side][cell_of[side]].reshape(nb_new, -1)
+        own = own_cells[side][slot_of[side]].reshape(nb_new, -1)
+        at_c = fresh_cells[side][slot_of[side]].reshape(nb_new, -1)
         fresh_p, _ = side_softmin(
           side, new_rows, c_cols, pots, eps, nb_new * nbc, zero_stats, est=at_c
         )
@@ -274,7 +292,7 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings, init=None) -> 
 
     k = jnp.int32(0)
     for g, level in enumerate(levels):
-      grid, cells, c_rows, _, _ = level
+      grid, cells, _, c_rows, _, _ = level
       with jax.named_scope("coarse"), jax.named_scope(f"grid{grid.per_axis}"):
         if g == 0:
           zeros_c = jnp.zeros((4,) + cells[0].valid.shape, dtype)
