@@ -297,3 +297,96 @@ def _sweep_tables(summary) -> list[str]:
       out.append("| " + " | ".join(cells) + " |")
     out.append("")
   return out
+
+
+# ----------------------------------------------------------------------------- two sweeps
+
+
+def compare_sweeps(a_dir, b_dir) -> list[dict]:
+  """Per (variant, λ) and metric, two sweeps of the same runs side by side (issue 13's
+  training equivalence: the same variants and seeds with ``multiscale`` vs ``dense`` OT).
+
+  Only seeds finished in both sweeps count. ``delta`` is ``mean_b − mean_a``; ``paired`` the
+  mean and sample std of the per-seed differences ``b_s − a_s`` (the same seed starts both
+  from the same weights and batch order, so this isolates what differs between the sweeps);
+  ``spread`` is the larger of the two sweeps' sample stds, and ``within`` is
+  ``|delta| ≤ spread``: the sweeps differ by less than one seed's scatter.
+
+  Args:
+    a_dir, b_dir: ``paper_tables`` workdirs (their ``results.json``).
+
+  Returns:
+    One dict per (variant, λ, metric): ``variant, lam, metric, seeds, mean_a, std_a, mean_b,
+    std_b, delta, paired_mean, paired_std, spread, within``.
+  """
+  runs = []
+  for d in (a_dir, b_dir):
+    path = pathlib.Path(d) / "results.json"
+    if not path.is_file():
+      raise FileNotFoundError(f"{path}: no results.json (run experiments.paper_tables first).")
+    runs.append(
+      {
+        (r["variant"], r["lam"], r["seed"]): r["metrics"]
+        for r in json.loads(path.read_text())["runs"]
+        if r["metrics"] is not None
+      }
+    )
+  common = sorted(set(runs[0]) & set(runs[1]), key=lambda k: (VARIANTS.index(k[0]), k[1], k[2]))
+  if not common:
+    raise ValueError(f"{a_dir} and {b_dir} have no finished (variant, λ, seed) in common.")
+  groups: dict[tuple[str, float], list[int]] = {}
+  for v, lam, seed in common:
+    groups.setdefault((v, lam), []).append(seed)
+  rows = []
+  for (v, lam), seeds in groups.items():
+    for m in METRIC_NAMES:
+      a, b = ([r[(v, lam, s)][m] for s in seeds] for r in runs)
+      (mean_a, std_a), (mean_b, std_b) = _mean_std(a), _mean_std(b)
+      paired_mean, paired_std = _mean_std(np.subtract(b, a))
+      delta, spread = mean_b - mean_a, max(std_a, std_b)
+      rows.append(
+        dict(
+          variant=v,
+          lam=lam,
+          metric=m,
+          seeds=seeds,
+          mean_a=mean_a,
+          std_a=std_a,
+          mean_b=mean_b,
+          std_b=std_b,
+          delta=delta,
+          paired_mean=paired_mean,
+          paired_std=paired_std,
+          spread=spread,
+          within=bool(abs(delta) <= spread),
+        )
+      )
+  return rows
+
+
+def comparison_markdown(rows: Sequence[dict], label_a: str, label_b: str) -> str:
+  """The rows of :func:`compare_sweeps` as a markdown table, one line per (variant, metric)."""
+  head = ["variant", "metric", "seeds", label_a, label_b, "Δ mean", "paired Δ", "spread", "within"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    n = len(r["seeds"])
+    lines.append(
+      "| "
+      + " | ".join(
+        [
+          f"{r['variant']} (λ={r['lam']:g})",
+          r["metric"],
+          ",".join(map(str, r["seeds"])),
+          _cell(r["mean_a"], r["std_a"], n),
+          _cell(r["mean_b"], r["std_b"], n),
+          f"{r['delta']:+.3g}",
+          _cell(r["paired_mean"], r["paired_std"], n),
+          f"{r['spread']:.3g}",
+          "yes" if r["within"] else "**no**",
+        ]
+      )
+      + " |"
+    )
+  within = sum(r["within"] for r in rows)
+  lines += ["", f"{within} of {len(rows)} (variant, metric) pairs within the seed spread."]
+  return "\n".join(lines) + "\n"
