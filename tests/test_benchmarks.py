@@ -20,6 +20,7 @@ from gsae_jax import priors
 # ----------------------------------------------------------------------------- harness
 
 
+@pytest.mark.slow
 def test_clouds_come_from_the_priors():
   x, y = harness.clouds(50, 2, "flower", "gauss", seed=3)
   kx, ky = jax.random.split(jax.random.key(3))
@@ -181,6 +182,7 @@ def test_ab_compare_pairs_runs_and_takes_medians(tmp_path):
   )
 
 
+@pytest.mark.slow
 def test_warm_start_benchmark_tiny(tmp_path):
   argv = ["--n", "120", "--steps", "2", "--warm_iters", "1", "--regimes", "late"]
   argv += ["--backend", "dense", "--blur", "0.3", "--ref_max_iter", "50", "--out", str(tmp_path)]

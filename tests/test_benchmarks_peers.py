@@ -50,6 +50,7 @@ def test_sinkhorn_benchmark_tiny(tmp_path):
   assert "- d = 2, n = 120: reference S = " in md
 
 
+@pytest.mark.slow
 def test_sinkhorn_skip_rules_and_append(tmp_path):
   # Dense peers and slow converged solves are skipped with a reason, not silently dropped;
   # --append merges those rows into a recorded result file.

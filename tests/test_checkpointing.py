@@ -49,6 +49,7 @@ def _write_legacy(workdir, state, header):
 
 
 @pytest.mark.parametrize("variant", ["local", "minibatch_global"])
+@pytest.mark.slow
 def test_train_state_round_trips_exactly(tmp_path, variant):
   # `local` holds [0, 2] latents/prior and [4, 0] potentials, which Orbax cannot store itself.
   state = _state(variant, step=7)
@@ -66,6 +67,7 @@ def test_train_state_round_trips_exactly(tmp_path, variant):
   assert raw["latents"].shape == state.latents.shape and raw["step"].dtype == np.int32
 
 
+@pytest.mark.slow
 def test_the_last_two_steps_are_kept(tmp_path):
   state = _state()
   for step in (1, 2, 3):
@@ -125,6 +127,7 @@ DAMAGES = {
 
 
 @pytest.mark.parametrize("damage", list(DAMAGES))
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys, damage):
   state = _state()
   for step in (1, 2):

@@ -196,6 +196,7 @@ def _direct(params, x):
   return model.apply(variables, x), model.apply(variables, x, method=model.embed)
 
 
+@pytest.mark.slow
 def test_features_chunked_equal_direct_and_feed_the_logit_layer(small_model, mnist):
   params, _ = small_model
   x = mnist.test_images[::4]  # 250 images, 64 does not divide 250
@@ -210,6 +211,7 @@ def test_features_chunked_equal_direct_and_feed_the_logit_layer(small_model, mni
   np.testing.assert_allclose(chunked @ head["kernel"] + head["bias"], logits, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_short_training_accuracy(small_model, mnist):
   params, acc = small_model
   assert acc >= 0.90  # measured 0.93–0.94 (400 steps of 16 images, 1 000 training images)

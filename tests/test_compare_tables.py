@@ -72,6 +72,7 @@ def test_compare_sweeps_refuses_missing_or_disjoint(tmp_path):
     compare_sweeps(a, b)
 
 
+@pytest.mark.slow
 def test_compare_tables_entry_point(tmp_path):
   a = _write(tmp_path / "a", [0.10, 0.14, 0.12])
   b = _write(tmp_path / "b", [0.11, 0.13, 0.20])

@@ -341,6 +341,7 @@ def numpy_flower_prior(key, n):
   return flower_numpy(np.random.default_rng(seed), n).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_global_ot_loss_prior_vs_prior_small_shift_large():
   _require_sinkhorn()
   # n = 4000: the finite-sample S between two independent prior samples is ≈0.005 (measured
@@ -382,6 +383,7 @@ def test_evaluate_latents_keys_and_values(monkeypatch):
   assert all(isinstance(v, float) for v in out.values())
 
 
+@pytest.mark.slow
 def test_evaluate_latents_with_the_real_ot_loss_and_flower_prior():
   _require_sinkhorn()
   priors = pytest.importorskip("gsae_jax.priors")

@@ -54,6 +54,7 @@ def test_lenet_parameter_counts():
   assert shapes["decoder"]["ConvTranspose_1"]["kernel"].shape == (5, 5, 6, 1)
 
 
+@pytest.mark.slow
 def test_forward_shapes_and_range(initialised):
   arch, ae, params = initialised
   assert models.count_params(params) == _count(_shapes(arch, 2))
@@ -147,6 +148,7 @@ def test_bad_input_shapes(arch):
 
 
 @pytest.mark.parametrize("arch", models.ARCHS)
+@pytest.mark.slow
 def test_latent_maps_normalise_the_linear_output(arch):
   # Same parameters (the maps add none): sphere and simplex are the linear output normalised,
   # checked against numpy; "gaussian" has one layer twice as wide whose first half is the mean.

@@ -2,11 +2,13 @@
 
 import jax
 import numpy as np
+import pytest
 
 from gsae_jax.ot import clusters
 from tests.conftest import flower_numpy
 
 
+@pytest.mark.slow
 def test_cluster_centroids_and_masses_match_numpy_groupby(x64):
   rng = np.random.default_rng(0)
   x = flower_numpy(rng, 500)
@@ -33,6 +35,7 @@ def test_cluster_centroids_and_masses_match_numpy_groupby(x64):
   np.testing.assert_allclose(np.exp(jax.scipy.special.logsumexp(log_mass)), 1.0, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_cluster_of_identical_points_and_3d():
   x = np.full((10, 3), 2.0, np.float32)
   grid = clusters.make_grid(x, x, 4)

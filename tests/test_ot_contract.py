@@ -51,6 +51,7 @@ def test_unequal_masses_are_an_error_with_both_sums(a_scale, b_scale, sums):
       sinkhorn_divergence(x, y, a)
 
 
+@pytest.mark.slow
 def test_unequal_traced_masses_give_nan():
   x, y = _clouds()
   b = np.full(50, 1 / 50, np.float32)
@@ -61,6 +62,7 @@ def test_unequal_traced_masses_give_nan():
   assert np.isnan(out.reg_ot_cost) and not bool(out.converged)
 
 
+@pytest.mark.slow
 def test_equal_non_unit_masses_scale_the_value():
   # Balanced OT of measures of mass 3 (GeomLoss keeps masses as given): 3 × the probability case.
   x, y = _clouds()
@@ -76,6 +78,7 @@ def test_equal_non_unit_masses_scale_the_value():
 @pytest.mark.parametrize("tol", [None, 1e-5])
 @pytest.mark.parametrize("n", [1, 7])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.slow
 def test_zero_diameter_gives_zero_and_zero_gradient(grad, tol, n, dtype):
   # All points equal (or one point against itself): S = 0 at its minimum, gradient 0.
   with jax.enable_x64(dtype == jnp.float64):
@@ -89,6 +92,7 @@ def test_zero_diameter_gives_zero_and_zero_gradient(grad, tol, n, dtype):
     np.testing.assert_allclose(gy, 0.0, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_single_points_match_closed_form(x64):
   # OT_ε(δ_x, δ_y) = ½‖x − y‖² and both self-terms vanish: S = ½‖x − y‖², ∇ₓS = x − y.
   x, y = np.array([[0.3, -1.0]]), np.array([[1.0, 2.0]])
@@ -109,6 +113,7 @@ def test_schedule_of_a_cloud_narrower_than_blur():
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 @pytest.mark.parametrize("offset", [0.0, 1e4])
+@pytest.mark.slow
 def test_low_precision_inputs_are_computed_in_float32(dtype, offset):
   x, y = _clouds()
   x_lo, y_lo = jnp.asarray(x + offset, dtype), jnp.asarray(y + offset, dtype)
@@ -133,6 +138,7 @@ def test_too_small_diameter_is_an_error():
     sinkhorn_divergence(x, y, diameter=1e-3)
 
 
+@pytest.mark.slow
 def test_too_small_traced_diameter_gives_nan():
   x, y = _clouds()
   f = jax.jit(lambda d: sinkhorn_divergence(x, y, diameter=d))
@@ -187,6 +193,7 @@ def test_complex_inputs_raise(which):
 @pytest.mark.parametrize(
   "kwargs", [{"blur": -1.0}, {"blur": np.inf}, {"scaling": 1.5}, {"scaling": 0.0}]
 )
+@pytest.mark.slow
 def test_traced_bad_settings_give_nan(kwargs):
   x, y = _clouds()
   name, value = next(iter(kwargs.items()))
@@ -195,12 +202,14 @@ def test_traced_bad_settings_give_nan(kwargs):
   assert np.isnan(out.value) and np.all(np.isnan(out.f_ba)) and not bool(out.converged)
 
 
+@pytest.mark.slow
 def test_traced_bad_tol_gives_nan():
   x, y = _clouds()
   f = jax.jit(lambda t: sinkhorn_divergence(x, y, tol=t, max_iter=50))
   assert np.isnan(f(-1.0)) and np.isfinite(f(1e-3))
 
 
+@pytest.mark.slow
 def test_sweeping_settings_does_not_recompile():
   x, y = _clouds()
   sinkhorn_divergence(x, y, blur=0.1, scaling=0.7)
@@ -224,6 +233,7 @@ def test_sweeping_settings_does_not_recompile():
   assert _dense_sinkhorn._cache_size() == fixed
 
 
+@pytest.mark.slow
 def test_traced_blur_matches_eager_values():
   x, y = _clouds()
   f = jax.jit(jax.value_and_grad(lambda x, blur: sinkhorn_divergence(x, y, blur=blur)))
@@ -235,6 +245,7 @@ def test_traced_blur_matches_eager_values():
     np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_unroll_needs_concrete_scaling():
   x, y = _clouds()
   with pytest.raises(ValueError, match="concrete `scaling`"):
@@ -266,6 +277,7 @@ def test_fixed_epsilon_bad_inputs_raise(kwargs, error, match):
     sinkhorn(x, y, **kwargs)
 
 
+@pytest.mark.slow
 def test_fixed_epsilon_traced_bad_values_give_nan():
   x, y = _clouds()
   out = jax.jit(lambda e: sinkhorn(x, y, epsilon=e))(-1.0)
@@ -328,6 +340,7 @@ def test_softmin_traced_bad_epsilon_gives_nan():
   assert np.all(np.isnan(jax.jit(lambda e: softmin(x, y, h, e))(-1.0)))
 
 
+@pytest.mark.slow
 def test_softmin_all_minus_inf_row_is_inf_with_zero_gradient():
   rng = np.random.default_rng(4)
   x, y = rng.normal(size=(6, 2)).astype(np.float32), rng.normal(size=(5, 2)).astype(np.float32)
@@ -357,6 +370,7 @@ def test_result_reports_schedule_length_and_backend():
   np.testing.assert_allclose(out.value, sinkhorn_divergence(x, y), rtol=0)
 
 
+@pytest.mark.slow
 def test_result_converged_flag_and_violation():
   x, y = _clouds()
   capped = solve_divergence(x, y, blur=0.1, tol=1e-3, max_iter=2)
@@ -369,6 +383,7 @@ def test_result_converged_flag_and_violation():
   assert not bool(stuck.converged) and int(stuck.iterations) == int(capped.iterations) + 2998
 
 
+@pytest.mark.slow
 def test_result_potentials_solve_the_fixed_point_equations(x64):
   # Converged potentials satisfy f = softmin_ε(C, log b + g/ε) for each of the three OT
   # problems (float64 numpy reference), and the value is ⟨a, f_ba − f_aa⟩ + ⟨b, g_ab − g_bb⟩.
@@ -392,6 +407,7 @@ def test_result_potentials_solve_the_fixed_point_equations(x64):
   np.testing.assert_allclose(out.value, value, rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_result_under_jit_and_static_b():
   x, y = _clouds()
   out = jax.jit(lambda x: solve_divergence(x, y, static_b=True))(x)

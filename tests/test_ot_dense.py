@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 from scipy.optimize import linear_sum_assignment
 
 from gsae_jax.ot import genevay_loss, round_plan, sharp_sinkhorn_loss, sinkhorn_plan
@@ -46,6 +47,7 @@ def test_plan_matches_scaling_form(x64):
   )
 
 
+@pytest.mark.slow
 def test_genevay_loss_matches_numpy(x64):
   x, y, a = _data(1)
   b = np.full(40, 1 / 40)
@@ -54,6 +56,7 @@ def test_genevay_loss_matches_numpy(x64):
   np.testing.assert_allclose(genevay_loss(x, y, a, b, epsilon=1.0, n_iter=10), ref, rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_genevay_gradient_matches_finite_differences(x64):
   x, y, _ = _data(2)
   f = lambda x: genevay_loss(x, y, epsilon=0.5, n_iter=20)
@@ -74,6 +77,7 @@ def test_rounding_gives_exact_marginals(x64):
   np.testing.assert_allclose(R, _numpy_round(P, a, b), rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.slow
 def test_sharp_loss_at_small_epsilon_approaches_exact_ot(x64):
   rng = np.random.default_rng(6)
   n = 60

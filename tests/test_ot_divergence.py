@@ -42,6 +42,7 @@ def _rel(u, v):
 
 
 @pytest.mark.parametrize("name,case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.slow
 def test_matches_geomloss_golden_float64(x64, name, case):
   # Same algorithm in float64: agreement to round-off, far inside the 1e-3 / 1e-2 targets.
   value, gx, ga = _ours(case, jnp.float64)
@@ -52,6 +53,7 @@ def test_matches_geomloss_golden_float64(x64, name, case):
 
 
 @pytest.mark.parametrize("name,case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.slow
 def test_matches_geomloss_golden_float32(name, case):
   # The working precision: value within 1e-3 relative, gradient within 1e-2 (issue #2).
   value, gx, ga = _ours(case, jnp.float32)
@@ -62,6 +64,7 @@ def test_matches_geomloss_golden_float32(name, case):
 
 
 @pytest.mark.skipif(not HAVE_GEOMLOSS, reason="torch/geomloss not installed (extra [crosscheck])")
+@pytest.mark.slow
 def test_matches_geomloss_live(x64):
   from scripts.make_geomloss_golden import geomloss_reference
 
@@ -84,6 +87,7 @@ def test_schedule_length_matches_geomloss():
 
 
 @pytest.mark.parametrize("blur,d,n,m", [(0.1, 2, 150, 120), (0.2, 5, 100, 130)])
+@pytest.mark.slow
 def test_converged_matches_ott(blur, d, n, m):
   from ott.geometry import pointcloud
   from ott.tools import sinkhorn_divergence as ott_sd
@@ -105,6 +109,7 @@ def test_converged_matches_ott(blur, d, n, m):
   np.testing.assert_allclose(2 * ours, ref, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_small_blur_approaches_exact_assignment():
   rng = np.random.default_rng(11)
   n = 200
@@ -120,6 +125,7 @@ def test_small_blur_approaches_exact_assignment():
 
 
 @pytest.mark.parametrize("blur", [0.5, 0.3])
+@pytest.mark.slow
 def test_envelope_unroll_and_finite_differences_agree_at_convergence(x64, blur):
   rng = np.random.default_rng(5)
   x, y = rng.normal(size=(40, 2)), 1.5 * rng.normal(size=(30, 2)) + 1
@@ -136,6 +142,7 @@ def test_envelope_unroll_and_finite_differences_agree_at_convergence(x64, blur):
   np.testing.assert_allclose(np.sum(g_unr * direction), fd, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_unroll_gradient_is_derivative_of_annealed_value(x64):
   # Without tol the annealed value is not converged: only `unroll` differentiates it exactly.
   rng = np.random.default_rng(9)
@@ -148,6 +155,7 @@ def test_unroll_gradient_is_derivative_of_annealed_value(x64):
   np.testing.assert_allclose(np.sum(jax.grad(f)(x) * direction), fd, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_jit_traced_points_and_unroll_bound():
   rng = np.random.default_rng(1)
   x = rng.normal(size=(50, 2)).astype(np.float32)
@@ -159,6 +167,7 @@ def test_jit_traced_points_and_unroll_bound():
 
 
 @pytest.mark.parametrize("grad", ["envelope", "unroll"])
+@pytest.mark.slow
 def test_jit_with_closed_over_concrete_arrays(grad):
   # y and b are constants of the trace: their value checks must not stage jnp ops.
   rng = np.random.default_rng(2)
@@ -174,6 +183,7 @@ def test_jit_with_closed_over_concrete_arrays(grad):
   np.testing.assert_allclose(fixed, sinkhorn(x, y, None, b, epsilon=0.5).reg_ot_cost, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_chunk_size_does_not_change_result():
   rng = np.random.default_rng(2)
   x = flower_numpy(rng, 130).astype(np.float32)
@@ -183,6 +193,7 @@ def test_chunk_size_does_not_change_result():
     np.testing.assert_allclose(sinkhorn_divergence(x, y, chunk_size=chunk), ref, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_far_from_origin_float32():
   # Translation invariance of ½‖x − y‖²: a float32 problem shifted by 1e3 keeps its value.
   rng = np.random.default_rng(3)
@@ -227,6 +238,7 @@ def test_bad_inputs_raise(kwargs, match):
 
 
 @pytest.mark.parametrize("grad", ["envelope", "unroll"])
+@pytest.mark.slow
 def test_static_b_keeps_gradient_in_x_and_a(grad):
   rng = np.random.default_rng(5)
   x = rng.normal(size=(90, 2)).astype(np.float32)
@@ -253,6 +265,7 @@ def test_static_b_keeps_gradient_in_x_and_a(grad):
   np.testing.assert_allclose(shifted - full2, self_term, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_static_b_matches_ott():
   from ott.geometry import pointcloud
   from ott.tools import sinkhorn_divergence as ott_sd

@@ -68,6 +68,7 @@ def _clouds(n, m, d, seed):
 
 
 @pytest.mark.parametrize("d, bits", [(2, 4), (3, 3)])
+@pytest.mark.slow
 def test_hilbert_index_visits_the_grid_by_unit_steps(d, bits):
   # The defining property of a Hilbert curve: a bijection onto [0, 2^{d·bits}) whose
   # consecutive cells are grid neighbours (L1 distance exactly 1).
@@ -122,6 +123,7 @@ def test_make_blocks_layout_and_round_trip():
 @pytest.mark.parametrize(
   "d, n, m, block, chunk", [(1, 157, 93, 16, 3), (2, 157, 93, 32, None), (3, 100, 130, 16, 7)]
 )
+@pytest.mark.slow
 def test_all_tiles_match_dense_values_and_vjp(x64, d, n, m, block, chunk):
   # n, m not multiples of B (padding), weighted b with one zero-mass column; the VJP (x, y, g,
   # log b, ε through make_blocks and from_blocks) against autodiff of the dense formula.
@@ -142,6 +144,7 @@ def test_all_tiles_match_dense_values_and_vjp(x64, d, n, m, block, chunk):
     np.testing.assert_allclose(a, r, rtol=1e-8, atol=1e-12, err_msg=name)
 
 
+@pytest.mark.slow
 def test_empty_rows_are_inf_with_zero_gradient(x64):
   x, y, g, log_b = _clouds(60, 40, 2, seed=4)
   keep = np.ones((4, 3), bool)
@@ -252,12 +255,14 @@ def _check_truncation(x, y, g, eps, label):
 
 @pytest.mark.parametrize("eps", EPS)
 @pytest.mark.parametrize("target", ["flower", "gauss"])
+@pytest.mark.slow
 def test_truncation_error_is_within_the_bound(x64, converged, target, eps):
   x, y, pots = converged[target]
   frac = _check_truncation(x, y, pots[eps], eps, f"{target} eps={eps:g}")
   assert frac < 0.3
 
 
+@pytest.mark.slow
 def test_isolated_outlier_keeps_partners(x64, converged):
   x, y, pots = converged["flower"]
   eps, g = EPS[0], pots[EPS[0]]
@@ -344,6 +349,7 @@ def test_gradient_memory_is_linear():
 
 
 @pytest.mark.parametrize("target", ["flower", "gauss"])
+@pytest.mark.slow
 def test_select_tiles_keeps_the_tiles_of_keep_tiles(x64, converged, target):
   # The box-then-refine list holds every tile the full mask keeps by its bound; beyond those
   # only each row block's best candidate. With a candidate list too small to hold the box's
@@ -379,6 +385,7 @@ def test_select_tiles_keeps_the_tiles_of_keep_tiles(x64, converged, target):
 
 @pytest.mark.parametrize("column_grad", [True, False])
 @pytest.mark.parametrize("shift", [0.0, 3.0, -200.0, 400.0])
+@pytest.mark.slow
 def test_offset_kernel_matches_dense_for_any_estimate(x64, shift, column_grad):
   # f_estimate only sets the exponentials' offset: a good estimate (shift 0, 3 ε) takes the
   # one-pass path, a bad one (off by 200 ε or 400 ε: sums outside [e^-50, e^50]) must rerun
@@ -421,6 +428,7 @@ def test_offset_kernel_matches_dense_for_any_estimate(x64, shift, column_grad):
   np.testing.assert_allclose(float(g_eps), float(ref_eps), rtol=1e-8)
 
 
+@pytest.mark.slow
 def test_padding_rows_read_their_estimate_and_need_no_tile(x64):
   # Rows that are not `valid` are not computed: they read f_estimate, get zero gradient, and a
   # row block without a valid row keeps no tile.

@@ -76,6 +76,7 @@ def _rel_l2(u, v):
 
 @pytest.mark.parametrize("d", [2, pytest.param(3, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.slow
 def test_annealed_matches_dense(case, d):
   x, y, a, b = make_case(case, d)
   vd, gd, _ = _value_and_grad(x, y, a, b, backend="dense")
@@ -93,6 +94,7 @@ def test_annealed_matches_dense(case, d):
   "(here -0.042, an unconverged artefact) follows another trajectory after the coarse phase; "
   "measured 5 % off (0.002 absolute), gradient within 0.6 %",
 )
+@pytest.mark.slow
 def test_annealed_outlier_value():
   x, y, a, b = make_case("outliers", 2)
   vd, _, _ = _value_and_grad(x, y, a, b, backend="dense")
@@ -161,6 +163,7 @@ def test_bad_multiscale_settings_raise(kwargs, match):
     sinkhorn_divergence(x, y, backend="multiscale", **kwargs)
 
 
+@pytest.mark.slow
 def test_multiscale_refuses_high_dimension_and_auto_picks_dense():
   rng = np.random.default_rng(0)
   x, y = rng.normal(size=(50, 4)), rng.normal(size=(40, 4))

@@ -17,6 +17,7 @@ def _clouds(seed=0, n=150, m=120):
   return x, y, b
 
 
+@pytest.mark.slow
 def test_matches_ott_fixed_epsilon():
   from ott.geometry import pointcloud
   from ott.problems.linear import linear_problem
@@ -42,6 +43,7 @@ def test_matches_ott_fixed_epsilon():
   assert np.ptp(shift) < 1e-3 * np.ptp(ref.f)
 
 
+@pytest.mark.slow
 def test_warm_start_after_small_move_needs_fewer_iterations():
   x, y, b = _clouds(seed=1, n=300, m=300)
   eps = 0.01
@@ -54,6 +56,7 @@ def test_warm_start_after_small_move_needs_fewer_iterations():
   np.testing.assert_allclose(warm2.reg_ot_cost, cold2.reg_ot_cost, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_converged_warm_start_does_no_iterations():
   x, y, b = _clouds(seed=3)
   out = sinkhorn(x, y, None, b, epsilon=0.1, tol=1e-5, max_iter=5000)
@@ -61,6 +64,7 @@ def test_converged_warm_start_does_no_iterations():
   assert int(again.iterations) == 0
 
 
+@pytest.mark.slow
 def test_reg_ot_cost_gradient_is_envelope(x64):
   # At convergence d OT_ε / d x_i = a_i (x_i − Σ_j π_ij y_j): check against finite differences.
   rng = np.random.default_rng(4)

@@ -49,6 +49,7 @@ def _grad_x(x, y, a, b, **kw):
   "name,d",
   [("flower_gauss", 2), ("weighted", 2), pytest.param("far_apart", 2, marks=pytest.mark.slow)],
 )
+@pytest.mark.slow
 def test_multiscale_matches_dense(name, d):
   x, y, a, b = _case(name, d)
   dense = sinkhorn(x, y, a, b, backend="dense", **KW)
@@ -81,6 +82,7 @@ def test_multiscale_matches_dense_in_3d():
   np.testing.assert_allclose(sparse.transport_cost, dense.transport_cost, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_overflowing_tile_lists_run_densely_and_are_counted():
   x, y, a, b = _case("flower_gauss")
   dense = sinkhorn(x, y, a, b, backend="dense", **KW)
@@ -90,6 +92,7 @@ def test_overflowing_tile_lists_run_densely_and_are_counted():
   np.testing.assert_allclose(tight.transport_cost, dense.transport_cost, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_multiscale_warm_start_from_its_solution_runs_no_update():
   x, y, a, b = _case("flower_gauss")
   out = sinkhorn(x, y, a, b, **SPARSE, **{**KW, "tol": 1e-5})
@@ -98,6 +101,7 @@ def test_multiscale_warm_start_from_its_solution_runs_no_update():
   np.testing.assert_allclose(again.reg_ot_cost, out.reg_ot_cost, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_backend_choice_and_errors():
   x, y, _, _ = _case("flower_gauss")
   assert sinkhorn(x, y, epsilon=0.1, max_iter=5).backend == "dense"  # auto: small n·m

@@ -19,12 +19,14 @@ def _data(n=157, m=93, d=3, seed=0):
 
 
 @pytest.mark.parametrize("chunk", [1, 16, 50, 157, None])
+@pytest.mark.slow
 def test_value_matches_dense(x64, chunk):
   x, y, h = _data()
   np.testing.assert_allclose(softmin(x, y, h, 0.3, chunk), _dense(x, y, h, 0.3), rtol=1e-12)
 
 
 @pytest.mark.parametrize("chunk", [16, 50])
+@pytest.mark.slow
 def test_vjp_matches_dense_autodiff(x64, chunk):
   x, y, h = _data(seed=1)
   w = np.random.default_rng(2).normal(size=x.shape[0])
@@ -43,6 +45,7 @@ def test_minus_inf_weights_are_ignored(x64):
   )
 
 
+@pytest.mark.slow
 def test_vjp_with_minus_inf_weights(x64):
   # Masked columns get zero gradient; the rest matches the dense softmin of the kept columns.
   x, y, h = _data(seed=5)
@@ -61,6 +64,7 @@ def test_vjp_with_minus_inf_weights(x64):
 
 
 @pytest.mark.parametrize("d", [2, 10])
+@pytest.mark.slow
 def test_wide_rows_two_stage_lse_matches_dense(x64, d):
   # m > 32 768 takes the column-tiled forward (3 tiles, the last one padded); d = 10 its matmul
   # branch. The whole first tile is masked, so its tile LSE is −inf.

@@ -31,6 +31,7 @@ def _rel(a, b):
 @pytest.mark.parametrize(
   "backend", ["dense", pytest.param("multiscale", marks=pytest.mark.slow)]
 )  # multiscale: 30–50 s each here; its warm updates match dense in the default suite below
+@pytest.mark.slow
 def test_warm_start_from_moved_clouds_reaches_the_cold_converged_divergence(x64, backend, target):
   # A training step in miniature: the source moves a little; the target is kept (its
   # potential reused) or redrawn (its potential None, extended by one softmin). Converged
@@ -60,6 +61,7 @@ def test_warm_start_from_moved_clouds_reaches_the_cold_converged_divergence(x64,
 
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.slow
 def test_converged_potentials_are_a_fixed_point_of_the_warm_updates(x64, backend):
   kw = dict(BACKENDS[backend], blur=0.2)
   x, y = _clouds(3)
@@ -72,6 +74,7 @@ def test_converged_potentials_are_a_fixed_point_of_the_warm_updates(x64, backend
     np.testing.assert_allclose(getattr(w, name), getattr(ref, name), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_multiscale_warm_updates_match_dense_from_the_same_start(x64):
   # From an unconverged start (the annealed potentials), with the target's potential
   # extended: each multiscale softmin drops < e^-10 of a row's mass, so three updates agree.
@@ -91,6 +94,7 @@ def test_multiscale_warm_updates_match_dense_from_the_same_start(x64):
   np.testing.assert_allclose(out["multiscale"].g_ab, out["dense"].g_ab, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_softmin_upper_bound_is_an_upper_bound_and_keeps_the_exact_tiles(x64):
   rng = np.random.default_rng(5)
   x, y = flower_numpy(rng, 700), flower_numpy(rng, 650) + 0.3

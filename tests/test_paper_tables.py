@@ -39,6 +39,7 @@ def _cells(md: str, metric: str) -> list[str]:
   return [c.strip() for c in row.strip("|").split("|")][1:]
 
 
+@pytest.mark.slow
 def test_table_runner_report_and_resume(tmp_path):
   variants, seeds = ("local", "minibatch_global"), (0, 1)
   trainer = CountingTrainer()
@@ -79,6 +80,7 @@ def test_table_runner_report_and_resume(tmp_path):
   assert (tmp_path / "results.md").read_text() == md
 
 
+@pytest.mark.slow
 def test_lambda_sweep_ranks_by_global_ot_and_records_failures(tmp_path):
   def trainer(config, workdir):
     if config.lam == 1.0:
@@ -101,6 +103,7 @@ def test_lambda_sweep_ranks_by_global_ot_and_records_failures(tmp_path):
   assert [float(r.split("|")[1]) for r in rows] == sorted(ot, key=ot.get)
 
 
+@pytest.mark.slow
 def test_entry_point_rejects_bad_flags(tmp_path):
   base = [sys.executable, "-m", "experiments.paper_tables", f"--workdir={tmp_path}"]
   for flag, word in (
@@ -117,6 +120,7 @@ def test_entry_point_rejects_bad_flags(tmp_path):
   assert not (tmp_path / "results.md").exists()
 
 
+@pytest.mark.slow
 def test_finished_run_with_other_settings_is_not_reused(tmp_path):
   run_table(TINY, tmp_path, variants=("local",), seeds=(0,))
   other = ExperimentConfig(**{**TINY.__dict__, "epochs": 2})

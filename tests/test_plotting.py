@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 from PIL import Image
 
 from gsae_jax import metrics, plotting
@@ -20,6 +21,7 @@ def test_flower_density_integrates_to_one_and_peaks_on_petals():
   )
 
 
+@pytest.mark.slow
 def test_petal_latents_rows_lie_in_their_sectors():
   z = plotting.petal_latents(jax.random.key(0), per_petal=10)
   assert z.shape == (100, 2)

@@ -130,6 +130,7 @@ def test_uniform_unit_moments():
 
 
 @pytest.mark.parametrize("alpha", [0.3, (0.5, 1.0, 2.0)])
+@pytest.mark.slow
 def test_dirichlet_moments(alpha):
   # alpha passed as a [3] array in both cases, so the (slow to compile) gamma sampler compiles
   # once; the scalar-alpha path is covered by test_get_prior_shapes.

@@ -86,6 +86,7 @@ def _numpy_mmd(x, y, sigma2, scales):
   )
 
 
+@pytest.mark.slow
 def test_mmd_matches_bruteforce_u_statistic_with_gradient(x64):
   # Chunk 7 divides neither 50 nor 70: padded last blocks, forward and backward. The eager
   # value is the unchunked one (chunk_size None: one block of all rows), so the jit-vs-eager
@@ -108,6 +109,7 @@ def test_mmd_other_scales(x64):
 # ----------------------------------------------------------------------------- sliced
 
 
+@pytest.mark.slow
 def test_sliced_equal_sizes_is_sorted_w2_per_direction(x64):
   x, y = _clouds(2, n=40, m=40, d=3)
   theta = np.asarray(R.random_directions(KEY, 8, 3, jnp.float64))
@@ -238,6 +240,7 @@ def _numpy_sharp(x, y, eps, n_iter):
   return transport(x, y) - 0.5 * transport(x, x) - 0.5 * transport(y, y)
 
 
+@pytest.mark.slow
 def test_sharp_matches_numpy_logdomain_sinkhorn_with_rounding(x64):
   # The gradient runs through every unrolled iteration and the rounding's min / rank-one steps.
   x, y = _clouds(10, n=12, m=15, d=2)
@@ -252,6 +255,7 @@ def test_sharp_matches_numpy_logdomain_sinkhorn_with_rounding(x64):
 # ----------------------------------------------------------------------------- gradients, jit
 
 
+@pytest.mark.slow
 def test_sinkhorn_wraps_the_engine(x64):
   # The wrapper under jit (the value of a jitted value_and_grad) against the engine called
   # eagerly; the engine's own gradients are tested in tests/test_ot_divergence.py.

@@ -104,6 +104,7 @@ def tiny():
   return data, clf
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_its_artefacts_and_resumes(tmp_path, tiny):
   data, clf = tiny
   tmp_path = tmp_path / "w2gae_seed0"  # the sweep's layout, for the sample sheet below
@@ -150,6 +151,7 @@ def test_report_tables_finished_runs_and_lists_failed_ones(tmp_path):
   assert "wae seed 2: FloatingPointError: nan" in text
 
 
+@pytest.mark.slow
 def test_entry_point_rejects_bad_flags(tmp_path):
   base = [sys.executable, "-m", "experiments.sae_mnist", f"--workdir={tmp_path}"]
   for flag, word in (

@@ -48,6 +48,7 @@ def _rel_err(a, b):
 
 @pytest.mark.parametrize("prior_self_term", [True, False])
 @pytest.mark.parametrize("variant", ["local", "minibatch_global", "full_global"])
+@pytest.mark.slow
 def test_variant_gradient_matches_unchunked(setup, variant, prior_self_term):
   model, images, idx = setup
   # encode_chunk 64 does not divide N = 240: padding is exercised too.
@@ -81,6 +82,7 @@ def test_variant_gradient_matches_unchunked(setup, variant, prior_self_term):
 
 @pytest.mark.parametrize("prior_self_term", [False, True])
 @pytest.mark.parametrize("variant", ["minibatch_global", "full_global"])
+@pytest.mark.slow
 def test_warm_started_step_matches_unchunked(setup, variant, prior_self_term):
   # ot_warm_iters with resample_freq = 2: steps 0 and 2 redraw the prior and run cold; step 1
   # keeps it and starts from step 0's potentials. Reference: the unchunked loss with
@@ -157,6 +159,7 @@ def test_warm_iters_needs_a_global_variant_and_a_kept_prior():
     GSAEConfig(ot_warm_iters=-1)
 
 
+@pytest.mark.slow
 def test_train_step_takes_the_images_as_an_argument():
   # Closed-over images would be embedded in the compiled program as a constant (hundreds of
   # MB of HLO at n = 60 000); as an argument they are a parameter of it.
@@ -207,6 +210,7 @@ _SLOW = pytest.mark.slow  # one case in the default suite; each case compiles it
     pytest.param("full_global", "w2gauss", marks=_SLOW),
   ],
 )
+@pytest.mark.slow
 def test_other_regularizers_in_every_variant(setup, variant, regularizer):
   # Each variant with a non-Sinkhorn regulariser: loss and gradient against the unchunked
   # loss with the regulariser written out here (rtol 1e-4 value, 1e-3 gradient, L2).

@@ -25,6 +25,7 @@ TINY = dict(
 )
 
 
+@pytest.mark.slow
 def test_resume_continues_from_saved_step(tmp_path):
   # First run: 1 epoch = 4 steps, checkpoints at steps 2 and 4.
   train_and_evaluate(ExperimentConfig(**TINY), str(tmp_path))
@@ -51,6 +52,7 @@ def _steps(workdir):
   return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
   a, b = tmp_path / "a", tmp_path / "b"
   full = train_and_evaluate(ExperimentConfig(**{**TINY, "epochs": 2}), str(a))
@@ -63,12 +65,14 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_config_mismatch_on_resume_is_an_error(tmp_path):
   train_and_evaluate(ExperimentConfig(**{**TINY, "eval_every": 4}), str(tmp_path))
   with pytest.raises(ValueError, match="different config"):
     train_and_evaluate(ExperimentConfig(**{**TINY, "seed": 1}), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_the_run_and_saves_nothing(tmp_path):
   # λ = 1e38 overflows the gradient at once; the first check (step 2) must stop the run
   # before its evaluation would checkpoint the NaN state.
@@ -77,6 +81,7 @@ def test_non_finite_loss_stops_the_run_and_saves_nothing(tmp_path):
   assert not checkpointing.exists(tmp_path)
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_falls_back_to_the_previous_or_is_refused(tmp_path, capsys):
   train_and_evaluate(ExperimentConfig(**TINY), str(tmp_path))  # checkpoints at steps 2, 4
   # A NaN state in the newest: reported by path, the run resumes from step 2 and its history
@@ -104,6 +109,7 @@ def test_damaged_checkpoint_falls_back_to_the_previous_or_is_refused(tmp_path, c
   assert _steps(tmp_path) == [6, 8]  # nothing deleted
 
 
+@pytest.mark.slow
 def test_a_legacy_checkpoint_resumes_in_the_new_layout(tmp_path):
   # A workdir of the format before Orbax (checkpoint.msgpack + checkpoint.json) resumes; the
   # next save writes checkpoints/<step>/ and deletes the old pair.
@@ -121,6 +127,7 @@ def test_a_legacy_checkpoint_resumes_in_the_new_layout(tmp_path):
   assert not (tmp_path / checkpointing.LEGACY_HEADER).exists()
 
 
+@pytest.mark.slow
 def test_a_test_set_the_metrics_cannot_use_fails_before_training(tmp_path):
   # 5 test images: too few for the metrics' neighbourhoods; found before the first step.
   with pytest.raises(ValueError, match="cannot be evaluated.*nothing was trained"):
@@ -128,6 +135,7 @@ def test_a_test_set_the_metrics_cannot_use_fails_before_training(tmp_path):
   assert not checkpointing.exists(tmp_path)
 
 
+@pytest.mark.slow
 def test_resume_refuses_fewer_epochs_or_a_missing_config(tmp_path):
   train_and_evaluate(ExperimentConfig(**{**TINY, "epochs": 2}), str(tmp_path))  # 8 steps
   saved = (tmp_path / "config.json").read_text()
@@ -139,6 +147,7 @@ def test_resume_refuses_fewer_epochs_or_a_missing_config(tmp_path):
     train_and_evaluate(ExperimentConfig(**{**TINY, "epochs": 2}), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_metrics_lines_written_after_the_checkpoint_are_not_duplicated(tmp_path):
   train_and_evaluate(ExperimentConfig(**TINY), str(tmp_path))  # records at steps 2, 4
   with open(tmp_path / "metrics.jsonl", "a") as f:  # a line the checkpoint never saw
@@ -149,6 +158,7 @@ def test_metrics_lines_written_after_the_checkpoint_are_not_duplicated(tmp_path)
   assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[2])["reconstruction"] > 0
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint(tmp_path):
   cmd = [
     sys.executable,
@@ -178,6 +188,7 @@ def test_sigterm_saves_a_checkpoint(tmp_path):
   assert header["step"] >= 3 and _steps(tmp_path) == [header["step"]]
 
 
+@pytest.mark.slow
 def test_resume_accepts_a_setting_added_later_at_its_default(tmp_path):
   # A run saved before `ot_warm_iters` existed ran at its default; asking for the default
   # resumes, asking for another value is a different config.
@@ -212,6 +223,7 @@ def test_bad_config_raises(kwargs, match):
     ExperimentConfig(**kwargs)
 
 
+@pytest.mark.slow
 def test_entry_point_runs_and_prints_summary(tmp_path):
   cmd = [
     sys.executable,
