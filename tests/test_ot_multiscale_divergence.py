@@ -135,6 +135,7 @@ def test_static_b_keeps_the_gradient():
   assert _rel_l2(g_one, g_full) <= 1e-4
 
 
+@pytest.mark.slow  # the multiscale value + gradient compiles for ≈ 32 s on the 2-core CPU
 def test_potentials_and_report():
   x, y, _, _ = make_case("flower_flower", 2)
   _, _, ms = _value_and_grad(x, y, None, None, backend="multiscale", **KW)
