@@ -24,18 +24,9 @@ from pathlib import Path
 from benchmarks import harness
 
 
-def _time(row: dict) -> float | None:
-  if row.get("status") != "ok":
-    return None
-  return row["warm_s"] if row.get("warm_s") is not None else row.get("first_run_s")
-
-
 def _rows(paths: list[str]) -> list[dict[tuple, dict]]:
-  runs = []
-  for p in paths:
-    payload = json.loads(Path(p).read_text())
-    runs.append({(r["d"], r["n"], r["method"]): r for r in payload["rows"]})
-  return runs
+  load = lambda p: json.loads(Path(p).read_text())["rows"]
+  return [{(r["d"], r["n"], r["method"]): r for r in load(p)} for p in paths]
 
 
 def compare(a_paths: list[str], b_paths: list[str]) -> list[dict]:
@@ -44,8 +35,8 @@ def compare(a_paths: list[str], b_paths: list[str]) -> list[dict]:
   keys = sorted(set.intersection(*(set(r) for r in a_runs + b_runs)))
   out = []
   for key in keys:
-    ta = [_time(r[key]) for r in a_runs]
-    tb = [_time(r[key]) for r in b_runs]
+    ta = [harness.seconds(r[key]) for r in a_runs]
+    tb = [harness.seconds(r[key]) for r in b_runs]
     if any(t is None for t in ta + tb):
       continue
     pair_ratios = [b / a for a, b in zip(ta, tb, strict=True)] if len(ta) == len(tb) else []
@@ -83,7 +74,7 @@ def markdown(rows: list[dict], label_a: str, label_b: str, note: str) -> str:
     ("method", "method"),
     (f"{label_a} (s)", "a_s"),
     (f"{label_b} (s)", "b_s"),
-    (f"{label_b} / {label_a}", lambda r: f"{r['ratio']:.3f}"),
+    (f"{label_b} / {label_a}", "ratio", ".3f"),
     ("pair ratios", pairs),
     ("value rel. diff", "value_rel_diff"),
   ]
@@ -97,9 +88,7 @@ def main(argv=None):
   p.add_argument("--label_a", default="A")
   p.add_argument("--label_b", default="B")
   p.add_argument("--note", default="", help="a line above the table (what A and B are)")
-  p.add_argument("--out", default="benchmarks/results")
-  p.add_argument("--name", default="sinkhorn_ab")
-  args = p.parse_args(argv)
+  args = harness.parse(p, argv, "sinkhorn_ab")
   rows = compare(args.a, args.b)
   if not rows:
     raise SystemExit("no (d, n, method) row ran successfully in every run of both sides")

@@ -4,7 +4,9 @@
 * :func:`time_fn` → :class:`Timing`: compile time, first run, warm runs (median, min);
 * :func:`run_isolated`: ``module:function(**kwargs)`` in a fresh Python process, with a
   timeout, returning its dict with a ``status`` and the process's peak RSS (VmHWM);
-* :func:`env_info`, :func:`table`, :func:`merge`, :func:`write`: the result files.
+* :func:`env_info`, :func:`table`, :func:`merge`, :func:`write`: the result files;
+* :func:`parse`, :func:`command`, :func:`seconds`, :func:`log`, :func:`rel_err`: the scripts'
+  shared bits.
 
 jax is imported inside the functions that use it: a child process that times GeomLoss must not
 carry jax's memory in its peak RSS.
@@ -12,6 +14,7 @@ carry jax's memory in its peak RSS.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib
 import importlib.util
@@ -240,15 +243,20 @@ def cell(v: Any, digits: int = 4) -> str:
   return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
 
 
-Column = tuple[str, str | Callable[[dict], Any]]
-"""A table column: its header and the row's key, or a function of the row."""
+Column = tuple[str, str | Callable[[dict], Any]] | tuple[str, str | Callable[[dict], Any], str]
+"""A table column: its header, the row's key or a function of the row, and optionally a format
+spec for its values (``".6g"``; else :func:`cell`'s)."""
 
 
 def table(columns: Sequence[Column], rows: Sequence[dict], digits: int = 4) -> str:
   """A GitHub markdown table of ``rows``, one line each (missing keys read ``–``)."""
-  get = lambda r, g: g(r) if callable(g) else r.get(g)
-  lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
-  lines += ["| " + " | ".join(cell(get(r, g), digits) for _, g in columns) + " |" for r in rows]
+
+  def text(r: dict, g: str | Callable[[dict], Any], spec: str | None = None) -> str:
+    v = g(r) if callable(g) else r.get(g)
+    return cell(v, digits) if spec is None or v is None else format(v, spec)
+
+  lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(text(r, *c[1:]) for c in columns) + " |" for r in rows]
   return "\n".join(lines)
 
 
@@ -277,6 +285,42 @@ def write(out_dir: str | os.PathLike, name: str, payload: dict, markdown: str) -
   (out / f"{name}.md").write_text(markdown.rstrip() + "\n")
   print(markdown)
   return path
+
+
+# ----------------------------------------------------------------------------- scripts
+
+
+def parse(
+  p: argparse.ArgumentParser, argv: Sequence[str] | None, name: str | None = None
+) -> argparse.Namespace:
+  """Adds ``--out`` (and, given its default ``name``, ``--name``) to ``p``, parses ``argv``."""
+  p.add_argument("--out", default="benchmarks/results", help="output directory")
+  if name:
+    p.add_argument("--name", default=name, help="output file stem")
+  return p.parse_args(argv)
+
+
+def command(module: str, argv: Sequence[str] | None) -> str:
+  """The command line that ran ``benchmarks.<module>`` with ``argv`` (``None``: this process's)."""
+  return " ".join([f"python -m benchmarks.{module}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def seconds(row: dict) -> float | None:
+  """A run row's time: its warm median, else its first run; ``None`` unless its status is ok."""
+  return (row.get("warm_s") or row.get("first_run_s")) if row.get("status") == "ok" else None
+
+
+def log(text: str) -> None:
+  """A progress line, on stderr: stdout carries the table."""
+  print(text, file=sys.stderr, flush=True)
+
+
+def rel_err(a: Any, b: Any) -> float:
+  """``‖a − b‖ / ‖b‖`` in float64: over all entries of arrays, ``|a − b| / |b|`` of numbers."""
+  import numpy as np
+
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 if __name__ == "__main__":

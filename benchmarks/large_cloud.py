@@ -4,8 +4,8 @@ For each size ``n`` (``m = n``, ``d = 2``): ``jax.jit(jax.value_and_grad(sinkhor
 w.r.t. ``x`` (envelope gradient, ``blur=0.05``, ``scaling=0.7``) between ``x ~ N(0, I)`` (the
 latents) and a flower-prior sample ``y``. Each configuration runs in a fresh subprocess, so its
 peak RSS (VmHWM) is its own; a baseline subprocess that only imports jax and allocates the
-inputs gives the RSS the computation adds. The dense cost matrix
-that the chunked solver never forms would take ``n·m·4`` bytes.
+inputs gives the RSS the computation adds. The dense cost matrix that the chunked solver never
+forms would take ``n·m·4`` bytes.
 
 Run from the repository root::
 
@@ -18,7 +18,6 @@ Writes ``large_cloud.json`` and ``large_cloud.md`` under ``--out`` and prints th
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from benchmarks import harness
@@ -56,6 +55,7 @@ def measure(mode: str, n: int, blur: float, scaling: float, repeats: int, seed: 
 
 def _isolated(mode: str, n: int, args) -> dict:
   kwargs = {k: getattr(args, k) for k in ("blur", "scaling", "repeats", "seed")}
+  harness.log(f"n={n}: {mode} ...")
   t0 = time.perf_counter()
   res = harness.run_isolated("benchmarks.large_cloud:measure", {"mode": mode, "n": n, **kwargs})
   if res.pop("status") != "ok":
@@ -66,7 +66,6 @@ def _isolated(mode: str, n: int, args) -> dict:
 def markdown(payload: dict) -> str:
   """The table, under a header naming the command and the setting."""
   c, env = payload["config"], payload["env"]
-  mb = lambda key: lambda r: f"{r[key]:.0f}"
   columns = [
     ("n = m", "n"),
     ("steps", "schedule_steps"),
@@ -74,58 +73,48 @@ def markdown(payload: dict) -> str:
     ("first run (s)", "first_run_s"),
     ("compile+first (s)", "compile_plus_first_s"),
     ("warm median (s)", "warm_s"),
-    ("peak RSS (MB)", mb("peak_rss_mb")),
-    ("after compile (MB)", mb("rss_after_compile_mb")),
-    ("baseline RSS (MB)", mb("baseline_peak_rss_mb")),
-    ("net (MB)", mb("net_rss_mb")),
-    ("dense C (MB)", mb("dense_cost_matrix_mb")),
-    ("value", lambda r: f"{r['value']:.6g}"),
+    ("peak RSS (MB)", "peak_rss_mb", ".0f"),
+    ("after compile (MB)", "rss_after_compile_mb", ".0f"),
+    ("baseline RSS (MB)", "baseline_peak_rss_mb", ".0f"),
+    ("net (MB)", "net_rss_mb", ".0f"),
+    ("dense C (MB)", "dense_cost_matrix_mb", ".0f"),
+    ("value", "value", ".6g"),
   ]
-  return "\n".join(
-    [
-      "# Large-cloud Sinkhorn divergence + gradient (CPU, float32, d = 2)",
-      "",
-      f"`{payload['command']}` — jax {env['jax']}, {env['backend']}, "
-      f"{env['cpu_count']} CPU cores shared with other jobs (timings noisy). "
-      f"`jit(value_and_grad(sinkhorn_divergence))` w.r.t. x, blur {c['blur']}, scaling "
-      f"{c['scaling']}, envelope gradient, default chunking; x ~ N(0, I), y ~ flower. "
-      f"Warm: median of {c['repeats']} runs. RSS: VmHWM of a fresh subprocess per row; "
-      "after compile = peak RSS before the first run; baseline = a process that imports jax "
-      "and allocates the inputs; net = peak − baseline. "
-      "Dense C: n·m·4 bytes, never formed.",
-      "",
-      harness.table(columns, payload["rows"]),
-    ]
+  return (
+    "# Large-cloud Sinkhorn divergence + gradient (CPU, float32, d = 2)\n\n"
+    f"`{payload['command']}` — jax {env['jax']}, {env['backend']}, "
+    f"{env['cpu_count']} CPU cores shared with other jobs (timings noisy). "
+    f"`jit(value_and_grad(sinkhorn_divergence))` w.r.t. x, blur {c['blur']}, scaling "
+    f"{c['scaling']}, envelope gradient, default chunking; x ~ N(0, I), y ~ flower. "
+    f"Warm: median of {c['repeats']} runs. RSS: VmHWM of a fresh subprocess per row; "
+    "after compile = peak RSS before the first run; baseline = a process that imports jax "
+    "and allocates the inputs; net = peak − baseline. "
+    "Dense C: n·m·4 bytes, never formed.\n\n" + harness.table(columns, payload["rows"])
   )
 
 
 def main(argv: list[str] | None = None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--out", default="benchmarks/results", help="output directory")
   p.add_argument("--sizes", default="10000,40000", help="comma list of n (= m)")
   p.add_argument("--blur", type=float, default=0.05)
   p.add_argument("--scaling", type=float, default=0.7)
   p.add_argument("--repeats", type=int, default=2, help="warm runs after the first (median)")
   p.add_argument("--seed", type=int, default=0)
-  argv = sys.argv[1:] if argv is None else argv
-  args = p.parse_args(argv)
-  env = harness.env_info()
-  rows = []
+  args = harness.parse(p, argv)
+  env, rows = harness.env_info(), []
   for n in [int(s) for s in args.sizes.split(",") if s.strip()]:
-    print(f"n={n}: baseline ...", flush=True)
-    base = _isolated("baseline", n, args)
-    print(f"n={n}: divergence + grad ...", flush=True)
-    div = _isolated("divergence", n, args)
-    row = {
-      **div,
-      "baseline_peak_rss_mb": base["peak_rss_mb"],
-      "net_rss_mb": div["peak_rss_mb"] - base["peak_rss_mb"],
-      "compile_plus_first_s": div["compile_s"] + div["first_run_s"],
-      "dense_cost_matrix_mb": n * n * 4 / 2**20,
-    }
-    rows.append(row)
-    print(f"  {row}", flush=True)
-  command = " ".join(["python -m benchmarks.large_cloud", *argv])
+    base, div = _isolated("baseline", n, args), _isolated("divergence", n, args)
+    rows.append(
+      {
+        **div,
+        "baseline_peak_rss_mb": base["peak_rss_mb"],
+        "net_rss_mb": div["peak_rss_mb"] - base["peak_rss_mb"],
+        "compile_plus_first_s": div["compile_s"] + div["first_run_s"],
+        "dense_cost_matrix_mb": n * n * 4 / 2**20,
+      }
+    )
+    harness.log(f"  {rows[-1]}")
+  command = harness.command("large_cloud", argv)
   payload = {"command": command, "config": vars(args), "env": env, "rows": rows}
   harness.write(args.out, "large_cloud", payload, markdown(payload))
   return payload

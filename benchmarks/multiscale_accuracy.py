@@ -31,23 +31,18 @@ def measure(dims) -> list[dict]:
           "case": case,
           "d": d,
           "dense_value": float(vd),
-          "value_rel_diff": abs(float(vm - vd)) / abs(float(vd)),
-          "grad_rel_l2_diff": _rel_l2(gm, gd),
+          "value_rel_diff": harness.rel_err(vm, vd),
+          "grad_rel_l2_diff": _rel_l2(gm, gd),  # the tests' own measure
           "kept_tile_fraction": float(out.kept_tile_fraction),
           "dense_fallbacks": int(out.dense_fallbacks),
         }
       )
-      print(rows[-1], flush=True)
+      harness.log(str(rows[-1]))
   return rows
 
 
-def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--dims", type=int, nargs="+", default=[2, 3], choices=(2, 3))
-  p.add_argument("--out", default="benchmarks/results")
-  p.add_argument("--name", default="multiscale_accuracy")
-  args = p.parse_args(argv)
-  payload = {"env": harness.env_info(), "args": vars(args), "rows": measure(args.dims)}
+def markdown(payload: dict) -> str:
+  """The table under a title and the setting."""
   columns = [
     ("clouds", "case"),
     ("d", "d"),
@@ -57,16 +52,21 @@ def main(argv=None) -> dict:
     ("tiles kept", "kept_tile_fraction"),
     ("dense fallbacks", "dense_fallbacks"),
   ]
-  md = "\n\n".join(
-    [
-      "# Multiscale vs dense (annealed), the accuracy tests' clouds",
-      f"`python -m benchmarks.multiscale_accuracy --dims {' '.join(map(str, args.dims))}`: "
-      "n = 1 500 vs 1 300, block 32, blur 0.05, scaling 0.7, truncate 10, float32; "
-      "targets: value 1 %, gradient 5 % (relative L2).",
-      harness.table(columns, payload["rows"], digits=3),
-    ]
+  dims = " ".join(map(str, payload["args"]["dims"]))
+  return (
+    "# Multiscale vs dense (annealed), the accuracy tests' clouds\n\n"
+    f"`python -m benchmarks.multiscale_accuracy --dims {dims}`: n = 1 500 vs 1 300, block 32, "
+    "blur 0.05, scaling 0.7, truncate 10, float32; targets: value 1 %, gradient 5 % "
+    "(relative L2).\n\n" + harness.table(columns, payload["rows"], 3)
   )
-  harness.write(args.out, args.name, payload, md)
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--dims", type=int, nargs="+", default=[2, 3], choices=(2, 3))
+  args = harness.parse(p, argv, "multiscale_accuracy")
+  payload = {"env": harness.env_info(), "args": vars(args), "rows": measure(args.dims)}
+  harness.write(args.out, args.name, payload, markdown(payload))
   return payload
 
 

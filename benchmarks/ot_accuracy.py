@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -55,19 +54,10 @@ def make_clouds(case: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(x, np.float64), np.asarray(y, np.float64)
 
 
-def _rel_l2(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def annealed(x, y, blur, scaling, dtype, repeats, **kwargs) -> dict:
   """Value and ``grad_x`` of ``sinkhorn_divergence`` (annealed unless ``tol`` is passed)."""
-
-  def fn(x, y):
-    return jax.value_and_grad(
-      lambda x: sinkhorn_divergence(x, y, blur=blur, scaling=scaling, **kwargs)
-    )(x)
-
+  div = lambda x, y: sinkhorn_divergence(x, y, blur=blur, scaling=scaling, **kwargs)
+  fn = jax.value_and_grad(div)
   t = harness.time_fn(fn, jnp.asarray(x, dtype), jnp.asarray(y, dtype), repeats=repeats)
   value, grad = t.result
   return {**t.fields(), "value": float(value), "grad": np.asarray(grad, np.float64)}
@@ -80,19 +70,14 @@ def reference(x, y, blur, tol, max_iter) -> dict:
   between the two bounds the reference's own error (generously: Sinkhorn's value converges
   monotonically, and faster than its marginals).
   """
-  eps = blur**2
-  names = ("xy", "xx", "yy")
+  eps, names = blur**2, ("xy", "xx", "yy")
 
   def terms(x, y, tol_, inits=(None, None, None)):
     solve = lambda p, q, i: sinkhorn(p, q, epsilon=eps, tol=tol_, max_iter=max_iter, init=i)
     return solve(x, y, inits[0]), solve(x, x, inits[1]), solve(y, y, inits[2])
 
-  def combine(outs):
-    oxy, oxx, oyy = outs
-    return oxy.reg_ot_cost - 0.5 * oxx.reg_ot_cost - 0.5 * oyy.reg_ot_cost
-
-  def potentials(outs):
-    return tuple((o.f, o.g) for o in outs)
+  combine = lambda o: o[0].reg_ot_cost - 0.5 * o[1].reg_ot_cost - 0.5 * o[2].reg_ot_cost
+  potentials = lambda outs: tuple((o.f, o.g) for o in outs)
 
   with jax.enable_x64(True):
     x, y = jnp.asarray(x, jnp.float64), jnp.asarray(y, jnp.float64)
@@ -108,17 +93,17 @@ def reference(x, y, blur, tol, max_iter) -> dict:
       return jax.value_and_grad(value, has_aux=True)(x)
 
     (value, grad_iters), grad = harness.time_fn(value_and_grad, x, y, potentials(outs)).result
-    iters = {
-      k: int(a.iterations) + int(b.iterations)
-      for k, a, b in zip(names, coarse.result, outs, strict=True)
-    }
+    v, v10 = float(combine(outs)), float(combine(coarse.result))
     return {
-      "value": float(combine(outs)),
-      "value_at_10tol": float(combine(coarse.result)),
-      "value_change_10tol_to_tol": abs(float(combine(outs)) - float(combine(coarse.result))),
+      "value": v,
+      "value_at_10tol": v10,
+      "value_change_10tol_to_tol": abs(v - v10),
       "value_in_grad_call": float(value),
       "grad": np.asarray(grad),
-      "iterations": iters,
+      "iterations": {
+        k: int(a.iterations) + int(b.iterations)
+        for k, a, b in zip(names, coarse.result, outs, strict=True)
+      },
       "marginal_violation": {
         k: float(o.marginal_violation) for k, o in zip(names, outs, strict=True)
       },
@@ -137,7 +122,7 @@ def cached_reference(args, case, n, x, y, blur) -> dict:
   path = Path(args.ref_cache) / f"{key}.npz"
   if path.exists():
     with np.load(path) as z:
-      print(f"    (reference from {path})", flush=True)
+      harness.log(f"    (reference from {path})")
       return {**json.loads(str(z["meta"])), "grad": z["grad"]}
   ref = reference(x, y, blur, args.ref_tol, args.ref_max_iter)
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,15 +132,16 @@ def cached_reference(args, case, n, x, y, blur) -> dict:
 
 
 def part_annealed(args) -> dict:
+  """Part (a): the rows, the references and the cross-checks."""
   rows, refs, checks = [], [], []
   for case in CASES:
     x, y = make_clouds(case, args.n, args.seed)
     diam = float(bounding_box_diameter(jnp.asarray(x), jnp.asarray(y)))
     for blur in args.blurs:
-      print(f"[a] {case} blur={blur}: converged reference ...", flush=True)
+      harness.log(f"[a] {case} blur={blur}: converged reference ...")
       ref = cached_reference(args, case, args.n, x, y, blur)
       refs.append({"case": case, "blur": blur, **{k: v for k, v in ref.items() if k != "grad"}})
-      print(f"    S_ref={ref['value']:.8g} iterations={ref['iterations']}", flush=True)
+      harness.log(f"    S_ref={ref['value']:.8g} iterations={ref['iterations']}")
       for scaling in args.scalings:
         f32 = annealed(x, y, blur, scaling, jnp.float32, args.repeats)
         with jax.enable_x64(True):
@@ -170,31 +156,29 @@ def part_annealed(args) -> dict:
           "annealed_f64": f64["value"],
           "converged": ref["value"],
           "abs_diff_f32": abs(f32["value"] - ref["value"]),
-          "rel_diff_f32": abs(f32["value"] - ref["value"]) / abs(ref["value"]),
+          "rel_diff_f32": harness.rel_err(f32["value"], ref["value"]),
           "abs_diff_f64": abs(f64["value"] - ref["value"]),
-          "rel_diff_f64": abs(f64["value"] - ref["value"]) / abs(ref["value"]),
-          "grad_rel_l2_f32": _rel_l2(f32["grad"], ref["grad"]),
-          "grad_rel_l2_f64": _rel_l2(f64["grad"], ref["grad"]),
+          "rel_diff_f64": harness.rel_err(f64["value"], ref["value"]),
+          "grad_rel_l2_f32": harness.rel_err(f32["grad"], ref["grad"]),
+          "grad_rel_l2_f64": harness.rel_err(f64["grad"], ref["grad"]),
           "time_annealed_f32_warm_s": f32["warm_s"],
           "time_annealed_f32_compile_s": f32["compile_s"],
           "time_annealed_f64_warm_s": f64["warm_s"],
           "time_converged_s": ref["run_s"],
         }
         rows.append(row)
-        print(
+        harness.log(
           f"    scaling={scaling}: steps={row['schedule_steps']} annealed={f32['value']:.6g}"
-          f" rel_diff={row['rel_diff_f32']:.3g} grad_rel={row['grad_rel_l2_f32']:.3g}",
-          flush=True,
+          f" rel_diff={row['rel_diff_f32']:.3g} grad_rel={row['grad_rel_l2_f32']:.3g}"
         )
     if args.check_n:
       xc, yc = make_clouds(case, args.check_n, args.seed + 1)
       blur = max(args.blurs)
-      print(f"[a] cross-check {case} n={args.check_n} blur={blur} ...", flush=True)
+      harness.log(f"[a] cross-check {case} n={args.check_n} blur={blur} ...")
       ref = cached_reference(args, case, args.check_n, xc, yc, blur)
+      kw = {"tol": args.ref_tol, "max_iter": args.check_max_iter}
       with jax.enable_x64(True):
-        div = annealed(
-          xc, yc, blur, 0.7, jnp.float64, 0, tol=args.ref_tol, max_iter=args.check_max_iter
-        )
+        div = annealed(xc, yc, blur, 0.7, jnp.float64, 0, **kw)
       checks.append(
         {
           "case": case,
@@ -203,16 +187,17 @@ def part_annealed(args) -> dict:
           "term_by_term": ref["value"],
           "divergence_tol": div["value"],
           "abs_diff": abs(ref["value"] - div["value"]),
-          "grad_rel_l2": _rel_l2(div["grad"], ref["grad"]),
+          "grad_rel_l2": harness.rel_err(div["grad"], ref["grad"]),
           "time_term_by_term_s": ref["run_s"],
           "time_divergence_tol_s": div["first_run_s"],
         }
       )
-      print(f"    {checks[-1]}", flush=True)
+      harness.log(f"    {checks[-1]}")
   return {"rows": rows, "references": refs, "cross_checks": checks}
 
 
 def part_warm(args) -> dict:
+  """Part (b): a row per (ε, δ)."""
   n = args.warm_n
   # "Flower-ish": a flower sample blurred by 0.05·N(0, 1), against an independent flower sample.
   x, y = harness.clouds(n, 2, "flower", "flower", args.seed + 7)
@@ -236,7 +221,7 @@ def part_warm(args) -> dict:
   for eps in args.warm_eps:
     max_iter = args.warm_max_iter
     while True:
-      print(f"[b] eps={eps}: cold solve, max_iter={max_iter} ...", flush=True)
+      harness.log(f"[b] eps={eps}: cold solve, max_iter={max_iter} ...")
       cold, t_cold = solve(max_iter, x, eps, zeros, zeros)
       if int(cold.iterations) < max_iter or max_iter >= args.warm_max_iter_cap:
         break
@@ -266,7 +251,7 @@ def part_warm(args) -> dict:
           "viol_cold": float(cold_p.marginal_violation),
         }
       )
-      print(f"    delta={delta}: {rows[-1]}", flush=True)
+      harness.log(f"    delta={delta}: {rows[-1]}")
   return {"rows": rows}
 
 
@@ -275,113 +260,92 @@ def markdown(payload: dict) -> str:
   c, env = payload["config"], payload["env"]
   out = [
     "# OT accuracy benchmarks",
-    "",
     f"`{payload['command']}` — jax {env['jax']}, {env['backend']}, "
     f"{env['cpu_count']} CPU cores (shared, timings noisy).",
   ]
   if "annealed" in payload:
     a = payload["annealed"]
-    g = lambda key, digits: lambda r: f"{r[key]:.{digits}g}"
+    annealed_columns = [
+      ("case", "case"),
+      ("blur", "blur"),
+      ("scaling", "scaling"),
+      ("steps", "schedule_steps"),
+      ("annealed f32", "annealed_f32", ".6g"),
+      ("converged f64", "converged", ".6g"),
+      ("abs diff", "abs_diff_f32"),
+      ("rel diff f32", "rel_diff_f32"),
+      ("rel diff f64", "rel_diff_f64"),
+      ("grad rel f32", "grad_rel_l2_f32"),
+      ("grad rel f64", "grad_rel_l2_f64"),
+      ("t ann f32 (s)", "time_annealed_f32_warm_s"),
+      ("t ann f64 (s)", "time_annealed_f64_warm_s"),
+      ("t conv (s)", "time_converged_s"),
+    ]
+    reference_columns = [
+      ("case", "case"),
+      ("blur", "blur"),
+      ("S converged", "value", ".8g"),
+      ("Δ vs 10·tol", "value_change_10tol_to_tol"),
+      ("iters xy", lambda r: r["iterations"]["xy"]),
+      ("iters xx", lambda r: r["iterations"]["xx"]),
+      ("iters yy", lambda r: r["iterations"]["yy"]),
+      ("max viol", lambda r: max(r["marginal_violation"].values())),
+      ("hit max_iter", "hit_max_iter"),
+      ("time (s)", "run_s"),
+    ]
     out += [
-      "",
       f"## (a) Annealed (`tol=None`) vs converged, n = m = {c['n']}",
-      "",
       "Converged: float64, term by term with `sinkhorn(tol="
       f"{c['ref_tol']:g})`. Differences are |annealed − converged|; grad: ‖∇ₓ annealed − "
       "∇ₓ converged‖ / ‖∇ₓ converged‖. Times: median warm run of `jit(value_and_grad)`; "
       "t conv: run time of the three float64 solves (value only, compile excluded).",
-      "",
-      harness.table(
-        [
-          ("case", "case"),
-          ("blur", "blur"),
-          ("scaling", "scaling"),
-          ("steps", "schedule_steps"),
-          ("annealed f32", g("annealed_f32", 6)),
-          ("converged f64", g("converged", 6)),
-          ("abs diff", "abs_diff_f32"),
-          ("rel diff f32", "rel_diff_f32"),
-          ("rel diff f64", "rel_diff_f64"),
-          ("grad rel f32", "grad_rel_l2_f32"),
-          ("grad rel f64", "grad_rel_l2_f64"),
-          ("t ann f32 (s)", "time_annealed_f32_warm_s"),
-          ("t ann f64 (s)", "time_annealed_f64_warm_s"),
-          ("t conv (s)", "time_converged_s"),
-        ],
-        a["rows"],
-      ),
-      "",
+      harness.table(annealed_columns, a["rows"]),
       "Converged references (alternating Sinkhorn iterations per term, float64):",
-      "",
-      harness.table(
-        [
-          ("case", "case"),
-          ("blur", "blur"),
-          ("S converged", g("value", 8)),
-          ("Δ vs 10·tol", "value_change_10tol_to_tol"),
-          ("iters xy", lambda r: r["iterations"]["xy"]),
-          ("iters xx", lambda r: r["iterations"]["xx"]),
-          ("iters yy", lambda r: r["iterations"]["yy"]),
-          ("max viol", lambda r: max(r["marginal_violation"].values())),
-          ("hit max_iter", "hit_max_iter"),
-          ("time (s)", "run_s"),
-        ],
-        a["references"],
-      ),
+      harness.table(reference_columns, a["references"]),
     ]
     if a["cross_checks"]:
+      check_columns = [
+        ("case", "case"),
+        ("n", "n"),
+        ("blur", "blur"),
+        ("term by term", "term_by_term", ".10g"),
+        ("divergence tol", "divergence_tol", ".10g"),
+        ("abs diff", "abs_diff"),
+        ("grad rel", "grad_rel_l2"),
+        ("t terms", "time_term_by_term_s"),
+        ("t div", "time_divergence_tol_s"),
+      ]
       out += [
-        "",
         "Cross-check: term-by-term reference vs `sinkhorn_divergence(tol="
         f"{c['ref_tol']:g}, max_iter={c['check_max_iter']})`, float64, scaling 0.7:",
-        "",
-        harness.table(
-          [
-            ("case", "case"),
-            ("n", "n"),
-            ("blur", "blur"),
-            ("term by term", g("term_by_term", 10)),
-            ("divergence tol", g("divergence_tol", 10)),
-            ("abs diff", "abs_diff"),
-            ("grad rel", "grad_rel_l2"),
-            ("t terms", "time_term_by_term_s"),
-            ("t div", "time_divergence_tol_s"),
-          ],
-          a["cross_checks"],
-        ),
+        harness.table(check_columns, a["cross_checks"]),
       ]
   if "warm" in payload:
+    warm_columns = [
+      ("ε", "epsilon"),
+      ("δ", "delta"),
+      ("max_iter", "max_iter"),
+      ("cold iters", "cold_iters"),
+      ("cold (s)", "cold_s"),
+      ("warm iters", "warm_iters"),
+      ("warm (s)", "warm_s"),
+      ("cold pert. iters", "cold_perturbed_iters"),
+      ("cold pert. (s)", "cold_perturbed_s"),
+      ("iters warm/cold", "iters_warm_over_cold"),
+      ("time warm/cold", "time_warm_over_cold"),
+      ("|ΔOT| warm vs cold", lambda r: abs(r["reg_ot_warm"] - r["reg_ot_cold"])),
+    ]
     out += [
-      "",
       f"## (b) Warm start of `sinkhorn(tol={c['warm_tol']:g})`, n = m = {c['warm_n']}, float32",
-      "",
       "Cold: from zero potentials. Then x += δ·N(0, 1): warm from the cold solution's (f, g), "
       "and cold again. Ratios are warm / cold on the perturbed problem.",
-      "",
-      harness.table(
-        [
-          ("ε", "epsilon"),
-          ("δ", "delta"),
-          ("max_iter", "max_iter"),
-          ("cold iters", "cold_iters"),
-          ("cold (s)", "cold_s"),
-          ("warm iters", "warm_iters"),
-          ("warm (s)", "warm_s"),
-          ("cold pert. iters", "cold_perturbed_iters"),
-          ("cold pert. (s)", "cold_perturbed_s"),
-          ("iters warm/cold", "iters_warm_over_cold"),
-          ("time warm/cold", "time_warm_over_cold"),
-          ("|ΔOT| warm vs cold", lambda r: abs(r["reg_ot_warm"] - r["reg_ot_cold"])),
-        ],
-        payload["warm"]["rows"],
-      ),
+      harness.table(warm_columns, payload["warm"]["rows"]),
     ]
-  return "\n".join(out)
+  return "\n\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--out", default="benchmarks/results", help="output directory")
   p.add_argument("--parts", default="annealed,warm", help="comma list of annealed, warm")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--n", type=int, default=3000, help="points per cloud in part (a)")
@@ -400,14 +364,10 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--warm_max_iter", type=int, default=2000)
   p.add_argument("--warm_max_iter_cap", type=int, default=20_000)
   p.add_argument("--repeats_warm", type=int, default=1, help="timed runs per warm-start solve")
-  argv = sys.argv[1:] if argv is None else argv
-  args = p.parse_args(argv)
+  args = harness.parse(p, argv)
   parts = {s.strip() for s in args.parts.split(",")}
-  payload = {
-    "config": vars(args),
-    "command": " ".join(["python -m benchmarks.ot_accuracy", *argv]),
-    "env": harness.env_info(),
-  }
+  command = harness.command("ot_accuracy", argv)
+  payload = {"config": vars(args), "command": command, "env": harness.env_info()}
   t0 = time.perf_counter()
   res = {"annealed": part_annealed(args)} if "annealed" in parts else {}
   if "warm" in parts:

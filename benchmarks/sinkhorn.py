@@ -36,9 +36,10 @@ Writes ``sinkhorn.json`` and ``sinkhorn.md`` under ``--out``.
 from __future__ import annotations
 
 import argparse
+import importlib
+import itertools
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -67,23 +68,16 @@ REQUIRES = {
   "geomloss_online": ("torch", "geomloss", "pykeops"),
   "geomloss_multiscale": ("torch", "geomloss", "pykeops"),
 }
-
-
-def make_inputs(n: int, d: int, seed: int = 0, target: str = "gauss") -> tuple:
-  """``x`` (flower for d = 2, else N(0, I)) and ``y``, float32 ``[n, d]`` jax arrays: ``y ~
-  N(0.5, 1.5² I)`` (``target="gauss"``) or an independent flower sample (``"flower"``, d = 2:
-  the GSAE regime where the latents match the prior)."""
-  if target == "flower" and d != 2:
-    raise ValueError("--target flower needs d = 2")
-  return harness.clouds(n, d, "flower" if d == 2 else "standard_normal", target, seed)
-
+# Loaded before the RSS reading that precedes the solve, so that ΔRSS is the method's own.
+PRELOAD = {
+  "geomloss": ("geomloss", "torch"),
+  "ott": ("gsae_jax.ot", "ott.tools.sinkhorn_divergence"),
+}
 
 # ----------------------------------------------------------------------------- workers
 
 
-def _ours(method: str, x, y, a: dict) -> harness.Timing:
-  import jax
-
+def _ours(method: str, a: dict):
   from gsae_jax.ot import sinkhorn_divergence
 
   kw = {
@@ -93,28 +87,24 @@ def _ours(method: str, x, y, a: dict) -> harness.Timing:
     "max_iter": a["max_iter"],
     "backend": "multiscale" if method == "ours_multiscale" else "dense",
   }
-  fn = jax.value_and_grad(lambda x, y: sinkhorn_divergence(x, y, **kw))
-  return harness.time_fn(fn, x, y, repeats=a["repeats"], budget_s=a["repeat_budget_s"])
+  return lambda x, y: sinkhorn_divergence(x, y, **kw)
 
 
-def _ott(method: str, x, y, a: dict) -> harness.Timing:
-  import jax
+def _ott(method: str, a: dict, n: int):
   from ott.geometry import pointcloud
   from ott.tools import sinkhorn_divergence as ott_sd
 
-  kw = {"batch_size": min(1024, x.shape[0])} if method == "ott_online" else {}
+  kw = {"batch_size": min(1024, n)} if method == "ott_online" else {}
+  solve = {"threshold": a["tol"], "max_iterations": a["max_iter"]}
 
   def div(x, y):
-    solve = {"threshold": a["tol"], "max_iterations": a["max_iter"]}
     eps = 2 * a["blur"] ** 2
     value, _ = ott_sd.sinkhorn_divergence(
       pointcloud.PointCloud, x, y, epsilon=eps, solve_kwargs=solve, **kw
     )
     return 0.5 * value  # ott's cost is ‖x − y‖² = 2C
 
-  return harness.time_fn(
-    jax.value_and_grad(div), x, y, repeats=a["repeats"], budget_s=a["repeat_budget_s"]
-  )
+  return div
 
 
 def _geomloss(method: str, x, y, a: dict) -> harness.Timing:
@@ -141,19 +131,15 @@ def measure(method: str, inputs: str, grad_path: str, a: dict) -> dict:
   (``.npy``). Reports this process's peak RSS (VmHWM) at the end and just before the solve
   (after importing the framework and loading the inputs): the difference is the method's own.
   """
-  if method.startswith("geomloss"):
-    import geomloss  # noqa: F401
-    import torch  # noqa: F401
-  else:
-    import jax.numpy as jnp
-
-    import gsae_jax.ot  # noqa: F401
-
-    if method.startswith("ott"):
-      import ott.tools.sinkhorn_divergence  # noqa: F401
+  family = method.split("_")[0]
+  for module in PRELOAD.get(family, ("gsae_jax.ot",)):
+    importlib.import_module(module)
   with np.load(inputs) as z:
     x, y = z["x"], z["y"]
-  if not method.startswith("geomloss"):
+  if family != "geomloss":
+    import jax
+    import jax.numpy as jnp
+
     x, y = jnp.asarray(x), jnp.asarray(y)
   hwm_before = harness.vm_hwm_mb()
   if method == "reference":
@@ -161,8 +147,12 @@ def measure(method: str, inputs: str, grad_path: str, a: dict) -> dict:
 
     ref = reference(x, y, a["blur"], a["ref_tol"], a["ref_max_iter"])
     t = harness.Timing((ref["value"], ref["grad"]), ref["compile_s"], ref["run_s"], [])
+  elif family == "geomloss":
+    t = _geomloss(method, x, y, a)
   else:
-    t = {"ours": _ours, "ott": _ott, "geomloss": _geomloss}[method.split("_")[0]](method, x, y, a)
+    div = _ours(method, a) if family == "ours" else _ott(method, a, x.shape[0])
+    fn, budget = jax.value_and_grad(div), a["repeat_budget_s"]
+    t = harness.time_fn(fn, x, y, repeats=a["repeats"], budget_s=budget)
   value, grad = t.result
   grad = np.asarray(grad, np.float64)
   np.save(grad_path, grad)
@@ -191,14 +181,6 @@ def _skip(method: str, n: int, d: int, args) -> str | None:
   return None
 
 
-def _rel(a, b) -> float:
-  return float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b))
-
-
-def _log(text: str) -> None:
-  print(text, file=sys.stderr, flush=True)
-
-
 def _isolated(method: str, d: int, n: int, tmp: Path, args) -> tuple[dict, np.ndarray | None]:
   """:func:`measure` in a fresh process on the inputs saved for (d, n): its row and gradient."""
   grad_path = tmp / f"{method}_{d}_{n}.npy"
@@ -213,57 +195,50 @@ def _isolated(method: str, d: int, n: int, tmp: Path, args) -> tuple[dict, np.nd
 
 
 def run(args) -> dict:
-  env = harness.env_info()
-  rows = []
+  """Every (d, n, method) of ``args``, after the float64 reference of each (d, n)."""
+  env, rows = harness.env_info(), []
   with tempfile.TemporaryDirectory(prefix="sinkhorn_bench_") as tmp_dir:
     tmp = Path(tmp_dir)
-    for d in args.dims:
-      for n in args.sizes:
-        inputs = tmp / f"inputs_{d}_{n}.npz"
-        x, y = make_inputs(n, d, args.seed, args.target)
-        np.savez(inputs, x=np.asarray(x), y=np.asarray(y))
-        ref_grad, ref_value, ref_note = None, None, f"none: n > --ref_max_n {args.ref_max_n}"
-        if n <= args.ref_max_n:
-          _log(f"[d={d} n={n}] float64 reference ...")
-          r, ref_grad = _isolated("reference", d, n, tmp, args)
-          ref_note = r["status"]
-          if r["status"] == "ok":
-            ref_value, t = r["value"], r["first_run_s"] + (r["compile_s"] or 0)
-            ref_note = f"ok, {t:.1f} s"
-          _log(f"  reference {ref_note}, S = {ref_value}")
-        ours_value, ours_grad = None, None
-        for method in args.methods:
-          row = {"method": method, "d": d, "n": n, "ref_value": ref_value, "reference": ref_note}
-          row["load_avg_1m"] = os.getloadavg()[0]
-          why = _skip(method, n, d, args)
-          r, g = ({"status": why}, None) if why else _isolated(method, d, n, tmp, args)
-          row.update(r)
-          if g is not None:
-            if ref_grad is not None:
-              row["value_rel_err"] = abs(row["value"] - ref_value) / abs(ref_value)
-              row["grad_rel_err"] = _rel(g, ref_grad)
-            if method == "ours":
-              ours_value, ours_grad = row["value"], g
-            elif ours_grad is not None:
-              row["value_rel_diff_ours"] = abs(row["value"] - ours_value) / abs(ours_value)
-              row["grad_rel_diff_ours"] = _rel(g, ours_grad)
-          rows.append(row)
-          t, v = row.get("warm_s") or row.get("first_run_s"), row.get("value")
-          _log(f"[d={d} n={n}] {method}: {row['status']}" + (f", {t:.3g} s, {v:.6g}" if t else ""))
+    for d, n in itertools.product(args.dims, args.sizes):
+      # x: flower in d = 2, else N(0, I); y: the --target cloud; the same for every method.
+      x, y = harness.clouds(n, d, "flower" if d == 2 else "standard_normal", args.target, args.seed)
+      np.savez(tmp / f"inputs_{d}_{n}.npz", x=np.asarray(x), y=np.asarray(y))
+      ref_value, ref_grad, ref_note = None, None, f"none: n > --ref_max_n {args.ref_max_n}"
+      if n <= args.ref_max_n:
+        harness.log(f"[d={d} n={n}] float64 reference ...")
+        r, ref_grad = _isolated("reference", d, n, tmp, args)
+        ref_note = r["status"]
+        if r["status"] == "ok":
+          ref_value, t = r["value"], r["first_run_s"] + (r["compile_s"] or 0)
+          ref_note = f"ok, {t:.1f} s"
+        harness.log(f"  reference {ref_note}, S = {ref_value}")
+      ours = None
+      for method in args.methods:
+        row = {"method": method, "d": d, "n": n, "ref_value": ref_value, "reference": ref_note}
+        row["load_avg_1m"] = os.getloadavg()[0]
+        why = _skip(method, n, d, args)
+        r, g = ({"status": why}, None) if why else _isolated(method, d, n, tmp, args)
+        row.update(r)
+        if g is not None:
+          if ref_grad is not None:
+            row["value_rel_err"] = harness.rel_err(row["value"], ref_value)
+            row["grad_rel_err"] = harness.rel_err(g, ref_grad)
+          if method == "ours":
+            ours = row["value"], g
+          elif ours is not None:
+            row["value_rel_diff_ours"] = harness.rel_err(row["value"], ours[0])
+            row["grad_rel_diff_ours"] = harness.rel_err(g, ours[1])
+        rows.append(row)
+        t, v = harness.seconds(row), row.get("value")
+        status = f"{row['status']}" + (f", {t:.3g} s, {v:.6g}" if t else "")
+        harness.log(f"[d={d} n={n}] {method}: {status}")
   return {"env": env, "args": vars(args), "rows": rows}
-
-
-def merge(old: dict, new: dict) -> dict:
-  """``--append``: ``new``'s rows replace ``old``'s rows of the same (d, n, method)."""
-  return harness.merge(old, new, lambda r: (r["d"], r["n"], METHODS.index(r["method"])))
 
 
 def markdown(payload: dict) -> str:
   """The result table: one row per (d, n, method), times as ratios to ``ours`` too."""
-  rows = payload["rows"]
-  time_s = lambda r: r.get("warm_s") or r.get("first_run_s")
-  ok = lambda r: r.get("status") == "ok"
-  ours = {(r["d"], r["n"]): time_s(r) for r in rows if r["method"] == "ours" and ok(r)}
+  rows, time_s = payload["rows"], harness.seconds
+  ours = {(r["d"], r["n"]): time_s(r) for r in rows if r["method"] == "ours"}
   base = lambda r: ours.get((r["d"], r["n"]))
   peak, before = lambda r: r.get("peak_rss_mb"), lambda r: r.get("vm_hwm_before_mb")
   columns = [
@@ -323,51 +298,33 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--dense_limit_gb", type=float, default=16.0)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--big_n", type=int, default=20000, help="from this n on, at most 1 repeat")
-  p.add_argument(
-    "--repeat_budget_s",
-    type=float,
-    default=120.0,
-    help="no further warm run once the warm runs would exceed this many seconds",
-  )
+  p.add_argument("--repeat_budget_s", type=float, default=120.0, help="warm runs' total cap (s)")
   p.add_argument("--timeout_s", type=float, default=1800.0, help="per (method, d, n)")
-  p.add_argument(
-    "--torch_threads",
-    type=int,
-    default=os.cpu_count() or 1,
-    help="torch/KeOps (OpenMP) threads (default: all CPUs, like XLA); on the idle 2-core box 2 "
-    "threads ran GeomLoss 1.7-1.9x faster than 1 at n = 5000, under load 5.5x slower",
-  )
+  # All CPUs, like XLA: 2 threads ran GeomLoss 1.7-1.9x faster than 1 idle, 5.5x slower loaded.
+  threads = os.cpu_count() or 1
+  p.add_argument("--torch_threads", type=int, default=threads, help="torch/KeOps (OpenMP) threads")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--target", default="gauss", choices=("gauss", "flower"), help="y cloud")
   p.add_argument("--ours_max_n", type=int, default=None, help="largest n for dense `ours`")
-  p.add_argument("--out", default="benchmarks/results")
-  p.add_argument("--name", default="sinkhorn", help="output file stem")
-  p.add_argument(
-    "--append",
-    action="store_true",
-    help="merge into an existing <out>/<name>.json (same (d, n, method) rows replaced)",
-  )
-  p.add_argument(
-    "--merge_from",
-    nargs="*",
-    default=[],
-    help="with --render_only: result JSONs merged into <out>/<name>.json (later ones win)",
-  )
-  p.add_argument(
-    "--render_only",
-    action="store_true",
-    help="run nothing: rewrite <out>/<name>.{json,md} from the JSON (and --merge_from)",
-  )
-  args = p.parse_args(argv)
+  p.add_argument("--append", action="store_true", help="merge into <out>/<name>.json")
+  p.add_argument("--merge_from", nargs="*", default=[], help="--render_only: JSONs to merge")
+  p.add_argument("--render_only", action="store_true", help="run nothing: rewrite <out>/<name>.*")
+  args = harness.parse(p, argv, "sinkhorn")
+  if args.target == "flower" and set(args.dims) != {2}:
+    p.error("--target flower needs d = 2")
+  load = lambda path: json.loads(Path(path).read_text())
+  # Rows of the same (d, n, method) replace the old ones, in the order of METHODS.
+  key = lambda r: (r["d"], r["n"], METHODS.index(r["method"]))
+  merge = lambda old, new: harness.merge(old, new, key)
   old = Path(args.out) / f"{args.name}.json"
   if args.render_only:
-    payload = json.loads(old.read_text())
+    payload = load(old)
     for extra in args.merge_from:
-      payload = merge(payload, json.loads(Path(extra).read_text()))
+      payload = merge(payload, load(extra))
   else:
     payload = run(args)
     if args.append and old.exists():
-      payload = merge(json.loads(old.read_text()), payload)
+      payload = merge(load(old), payload)
   harness.write(args.out, args.name, payload, markdown(payload))
   return payload
 

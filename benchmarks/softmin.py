@@ -29,12 +29,12 @@ def _rate(fn, args, count: float, repeats: int) -> dict:
 
 
 def run(args) -> dict:
+  """The exp ceiling, then both softmin kernels at each size: the payload."""
   env, rows = harness.env_info(), []
   n_exp = 1 << args.exp_log2
   a = jax.random.uniform(jax.random.key(0), (n_exp,), jnp.float32, -5.0, 0.0)
-  rows.append({"kernel": "exp_map", "size": n_exp, **_rate(jnp.exp, (a,), n_exp, args.repeats)})
-  exp_sum = lambda a: jnp.sum(jnp.exp(a))
-  rows.append({"kernel": "exp_sum", "size": n_exp, **_rate(exp_sum, (a,), n_exp, args.repeats)})
+  for kernel, fn in (("exp_map", jnp.exp), ("exp_sum", lambda a: jnp.sum(jnp.exp(a)))):
+    rows.append({"kernel": kernel, "size": n_exp, **_rate(fn, (a,), n_exp, args.repeats)})
   ceiling = rows[-1]["per_s"]
   for n in args.sizes:
     x, y = harness.clouds(n, args.d, "standard_normal", "standard_normal", seed=n)
@@ -73,8 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--d", type=int, default=2)
   p.add_argument("--exp_log2", type=int, default=26, help="exp benchmark over 2^k floats")
   p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--out", default="benchmarks/results")
-  args = p.parse_args(argv)
+  args = harness.parse(p, argv)
   payload = run(args)
   harness.write(args.out, "softmin", payload, markdown(payload))
   return payload

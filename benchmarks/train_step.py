@@ -10,7 +10,6 @@ jitted training step of :mod:`gsae_jax.training.gsae` on the MLP, batch 100, flo
 from __future__ import annotations
 
 import argparse
-import sys
 
 from benchmarks import harness
 
@@ -62,10 +61,7 @@ def measure(variant: str, n: int, dataset: str, steps: int, **config) -> dict:
   peak_step = harness.vm_hwm_mb()  # before the parts, whose encoder VJP keeps all activations
   return {
     **(_time_parts(model, gsae, state, images) if variant != "local" else {}),
-    **config,
-    "variant": variant,
-    "n": n,
-    "dataset": dataset,
+    "n": n,  # the images the dataset had; the row's variant, dataset and config are main's
     "compile_and_first_step_s": t.first_run_s,
     "step_s": per_step,
     "steps_per_s": 1 / per_step,
@@ -89,17 +85,11 @@ def _time_parts(model, config, state, images) -> dict:
   z = t_encode.result
   prior = harness.sample(config.prior, jax.random.key(2), z.shape[0], z.shape[1])
 
+  kw = {"blur": config.blur, "scaling": config.scaling, "static_b": not config.prior_self_term}
+  kw |= {"backend": config.ot_backend, "warm_iters": max(1, config.ot_warm_iters)}
+
   def ot_loss(z, init=None):
-    out = solve_divergence(
-      z,
-      prior,
-      blur=config.blur,
-      scaling=config.scaling,
-      static_b=not config.prior_self_term,
-      backend=config.ot_backend,
-      init=init,
-      warm_iters=max(1, config.ot_warm_iters),
-    )
+    out = solve_divergence(z, prior, init=init, **kw)
     return out.value, out
 
   ot = jax.value_and_grad(ot_loss, has_aux=True)
@@ -155,33 +145,12 @@ def main(argv=None) -> dict:
   p.add_argument("--arch", default="mlp")
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--blur", type=float, default=0.05)
-  p.add_argument(
-    "--scaling",
-    type=float,
-    default=0.7,
-    help="a short schedule (e.g. --blur 2 --scaling 0.3) measures peak memory fast",
-  )
-  p.add_argument(
-    "--prior_self_term",
-    action="store_true",
-    help="also compute the prior's self-term of S (GSAEConfig.prior_self_term)",
-  )
+  p.add_argument("--scaling", type=float, default=0.7, help="--blur 2 --scaling 0.3: fast peak RSS")
+  p.add_argument("--prior_self_term", action="store_true", help="also the prior's self-term of S")
   p.add_argument("--ot_backend", default="auto", choices=("auto", "dense", "multiscale"))
-  p.add_argument(
-    "--ot_warm_iters",
-    type=int,
-    default=0,
-    help="GSAEConfig.ot_warm_iters: warm-started OT with this many updates per step",
-  )
-  p.add_argument(
-    "--timeout_s",
-    type=float,
-    default=None,
-    help="kill a config after this long and record its peak RSS so far as 'timeout'",
-  )
-  p.add_argument("--out", default="benchmarks/results")
-  p.add_argument("--name", default="train_step", help="output file stem")
-  args = p.parse_args(argv)
+  p.add_argument("--ot_warm_iters", type=int, default=0, help="warm-started OT: updates per step")
+  p.add_argument("--timeout_s", type=float, default=None, help="kill a config after this long (s)")
+  args = harness.parse(p, argv, "train_step")
   env, rows = harness.env_info(), []
   for n in args.n:
     dataset = "mnist5k" if n <= 4000 else args.dataset
@@ -191,13 +160,8 @@ def main(argv=None) -> dict:
       row.update(harness.run_isolated("benchmarks.train_step:measure", kwargs, args.timeout_s))
       rows.append(row)
       rate, peak = row.get("steps_per_s"), row.get("peak_rss_mb") or float("nan")
-      print(
-        f"{v} n={n}: {row['status']}, "
-        + (f"{rate:.3f} steps/s, " if rate else "")
-        + f"peak RSS {peak:.0f} MB",
-        file=sys.stderr,
-        flush=True,
-      )
+      rate = f"{rate:.3f} steps/s, " if rate else ""
+      harness.log(f"{v} n={n}: {row['status']}, {rate}peak RSS {peak:.0f} MB")
   payload = {"env": env, "args": vars(args), "rows": rows}
   harness.write(args.out, args.name, payload, markdown(payload))
   return payload

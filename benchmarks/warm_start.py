@@ -17,7 +17,6 @@ Writes ``benchmarks/results/<name>.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +35,7 @@ def base_latents(regime: str, key, n: int) -> jax.Array:
 
 
 def rotated(pts: jax.Array, angle: float) -> jax.Array:
+  """``pts`` rotated by ``angle`` (radians) about the origin."""
   c, s = np.cos(angle), np.sin(angle)
   return pts @ jnp.array([[c, -s], [s, c]])
 
@@ -43,10 +43,6 @@ def rotated(pts: jax.Array, angle: float) -> jax.Array:
 def drifted(base: jax.Array, t: int, rate: float) -> jax.Array:
   """``(1 + rate·t) R(rate·t) base``: per step each point moves ≈ ``rate·|x|``."""
   return (1.0 + rate * t) * rotated(base, rate * t)
-
-
-def rel(a, b) -> float:
-  return float(jnp.linalg.norm(jnp.ravel(a - b)) / jnp.linalg.norm(jnp.ravel(b)))
 
 
 def make_solver(kw: dict, warm_iters: int | None, redrawn: bool):
@@ -69,17 +65,14 @@ def make_solver(kw: dict, warm_iters: int | None, redrawn: bool):
 
 
 def run_regime(args, regime: str, target: str) -> list[dict]:
-  key = jax.random.key(args.seed)
-  k_base, k_prior = jax.random.split(key)
+  """``args.steps`` steps of one regime and target, every method: one row per method."""
+  k_base, k_prior = jax.random.split(jax.random.key(args.seed))
   base = base_latents(regime, k_base, args.n)
   redrawn = target == "redrawn"
   kw = dict(blur=args.blur, scaling=args.scaling, static_b=True, backend=args.backend)
   methods = {"cold": None} | {f"warm_{k}": k for k in args.warm_iters}
   solvers = {m: make_solver(kw, k, redrawn) for m, k in methods.items()}
-  state = {}
-  times = {m: [] for m in methods}
-  viol = {m: [] for m in methods}
-  last = {}
+  state, last, times, viol = {}, {}, {m: [] for m in methods}, {m: [] for m in methods}
   y_fixed = harness.sample("flower", k_prior, args.n)
   for t in range(args.steps):
     x = drifted(base, t, args.rate)
@@ -93,17 +86,13 @@ def run_regime(args, regime: str, target: str) -> list[dict]:
       viol[m].append(float(out.marginal_violation))
       state[m] = (out.f_ba, out.g_ab, out.f_aa)
       last[m] = (float(val), grad, out)
-      print(
+      harness.log(
         f"  {regime}/{target} step {t} {m}: {timing.first_run_s:.2f} s, value {float(val):.6g}, "
-        f"violation {float(out.marginal_violation):.3g}",
-        file=sys.stderr,
-        flush=True,
+        f"violation {float(out.marginal_violation):.3g}"
       )
   # Converged reference at the last step, from the most-iterated warm chain's potentials.
   best = max((k, m) for m, k in methods.items() if k is not None)[1]
-  f_ba, g_ab, f_aa = state[best]
-  init = (f_ba, g_ab, f_aa, None)
-  ref_kw = dict(kw, tol=args.ref_tol, max_iter=args.ref_max_iter)
+  init, ref_kw = (*state[best], None), dict(kw, tol=args.ref_tol, max_iter=args.ref_max_iter)
 
   def ref_value(x):
     out = solve_divergence(x, y, init=init, **ref_kw)
@@ -125,8 +114,8 @@ def run_regime(args, regime: str, target: str) -> list[dict]:
         "violation_median": float(np.median(viol[m])),
         "value_last": val,
         "ref_value": float(ref_val),
-        "value_rel_err": abs(val - float(ref_val)) / abs(float(ref_val)),
-        "grad_rel_err": rel(grad, ref_grad),
+        "value_rel_err": harness.rel_err(val, ref_val),
+        "grad_rel_err": harness.rel_err(grad, ref_grad),
         "ref_converged": bool(ref_out.converged),
         "ref_updates": int(ref_out.iterations),
         "ref_s": ref.first_run_s,
@@ -173,14 +162,11 @@ def main(argv=None) -> dict:
   p.add_argument("--ref_tol", type=float, default=1e-3)
   p.add_argument("--ref_max_iter", type=int, default=2000)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default="benchmarks/results")
-  p.add_argument("--name", default="warm_start")
-  argv = sys.argv[1:] if argv is None else argv
-  args = p.parse_args(argv)
+  args = harness.parse(p, argv, "warm_start")
   env = harness.env_info()
   rows = [r for reg in args.regimes for tgt in args.targets for r in run_regime(args, reg, tgt)]
   payload = {"args": vars(args), "env": env, "rows": rows}
-  command = " ".join(["python -m benchmarks.warm_start", *argv])
+  command = harness.command("warm_start", argv)
   harness.write(args.out, args.name, payload, markdown(payload, command))
   return payload
 
