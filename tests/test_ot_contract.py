@@ -13,6 +13,7 @@ from scipy.special import logsumexp
 
 from gsae_jax.ot import (
   epsilon_schedule,
+  resolve_backend,
   sinkhorn,
   sinkhorn_divergence,
   softmin,
@@ -413,3 +414,21 @@ def test_result_under_jit_and_static_b():
   out = jax.jit(lambda x: solve_divergence(x, y, static_b=True))(x)
   assert out.g_bb is None and out.f_ba.shape == (60,) and out.g_ab.shape == (50,)
   np.testing.assert_allclose(out.value, sinkhorn_divergence(x, y, static_b=True), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "n,m,d,grad,repeated,expected",
+  [
+    (10_000, 10_000, 2, "envelope", False, "multiscale"),  # GeomLoss's 10⁸ pairs
+    (10_000, 9_999, 2, "envelope", False, "dense"),
+    (4_000, 4_000, 2, "envelope", False, "dense"),
+    (2_500, 2_500, 2, "envelope", True, "multiscale"),  # a training step: 2 500² pairs
+    (2_500, 2_499, 2, "envelope", True, "dense"),
+    (60_000, 60_000, 3, "envelope", True, "multiscale"),
+    (60_000, 60_000, 4, "envelope", True, "dense"),  # no multiscale above d = 3
+    (60_000, 60_000, 2, "unroll", True, "dense"),  # nor with unrolled gradients
+  ],
+)
+def test_auto_backend_thresholds(n, m, d, grad, repeated, expected):
+  assert resolve_backend("auto", n, m, d, grad, repeated=repeated) == expected
+  assert resolve_backend("dense", n, m, d, grad, repeated=repeated) == "dense"

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from gsae_jax import checkpointing
+from gsae_jax.training.gsae import GSAEConfig, step_ot_backend
 from gsae_jax.training.loop import ExperimentConfig, train_and_evaluate
 
 TINY = dict(
@@ -264,3 +265,14 @@ def test_checkpoint_from_before_an_added_field_restores(tmp_path):
   checkpointing.save(tmp_path, {k: v for k, v in old.items() if k != "prior"}, {"step": 0})
   with pytest.raises(ValueError, match="do not match"):
     checkpointing.restore(tmp_path, state)
+
+
+def test_step_ot_backend_by_variant_and_size():
+  # The global variants solve n × n (mnist5k: 4 000² ≥ 2 500², the repeated-call threshold);
+  # local solves batch × batch; other regularisers run no Sinkhorn.
+  assert step_ot_backend(GSAEConfig(variant="minibatch_global"), 4_000, 2) == "multiscale"
+  assert step_ot_backend(GSAEConfig(variant="full_global"), 2_000, 2) == "dense"
+  assert step_ot_backend(GSAEConfig(variant="local"), 60_000, 2) == "dense"
+  assert step_ot_backend(GSAEConfig(variant="full_global"), 60_000, 8) == "dense"
+  assert step_ot_backend(GSAEConfig(ot_backend="dense"), 60_000, 2) == "dense"
+  assert step_ot_backend(GSAEConfig(regularizer="mmd", lam=1.0), 60_000, 2) is None

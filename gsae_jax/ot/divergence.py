@@ -385,19 +385,29 @@ def _solve(problem: OTProblem, settings: DivergenceSettings, init=None) -> Diver
 
 # `auto` picks multiscale from this many pairs on (n·m), in d ≤ 3 (BUILD_NOTES.md, "Multiscale").
 AUTO_MULTISCALE_PAIRS = 10_000**2
+# ... and from this many for a call compiled once and run many times (a training step), where
+# multiscale's longer compile (≈ 30 s against ≈ 2 s) is paid once (BUILD_NOTES.md, "auto").
+AUTO_MULTISCALE_PAIRS_REPEATED = 2_500**2
 MULTISCALE_MAX_DIM = 3
 
 
-def resolve_backend(backend: str, n: int, m: int, d: int, grad: str = "envelope") -> str:
+def resolve_backend(
+  backend: str, n: int, m: int, d: int, grad: str = "envelope", repeated: bool = False
+) -> str:
   """The backend that runs for ``backend`` on an ``n × m`` problem in dimension ``d``.
 
   ``"auto"`` picks ``"multiscale"`` for ``d ≤ 3``, envelope gradients and
-  ``n·m ≥ AUTO_MULTISCALE_PAIRS`` (GeomLoss's ``auto`` rule, the threshold measured here), else
-  ``"dense"``. An explicit ``"multiscale"`` with ``d > 3`` or ``grad="unroll"`` is an error.
+  ``n·m ≥ AUTO_MULTISCALE_PAIRS`` (GeomLoss's ``auto`` rule, 10⁸), else ``"dense"``. With
+  ``repeated=True`` (a jitted call run many times, as a training step) the threshold is
+  ``AUTO_MULTISCALE_PAIRS_REPEATED`` (2 500²), where multiscale's run time overtakes dense's on
+  the 2-core CPU; a single call compiles the multiscale backend for ≈ 30 s against ≈ 2 s and
+  so gains from it only on larger clouds. An explicit ``"multiscale"`` with ``d > 3`` or
+  ``grad="unroll"`` is an error.
   """
   validation.check_choice("backend", backend, ("auto", *BACKENDS))
   if backend == "auto":
-    sparse = d <= MULTISCALE_MAX_DIM and grad == "envelope" and n * m >= AUTO_MULTISCALE_PAIRS
+    pairs = AUTO_MULTISCALE_PAIRS_REPEATED if repeated else AUTO_MULTISCALE_PAIRS
+    sparse = d <= MULTISCALE_MAX_DIM and grad == "envelope" and n * m >= pairs
     return "multiscale" if sparse else "dense"
   if backend == "multiscale":
     if d > MULTISCALE_MAX_DIM:

@@ -32,7 +32,7 @@ import optax
 
 from gsae_jax import priors, regularizers
 from gsae_jax.models import Autoencoder
-from gsae_jax.ot import BACKENDS, solve_divergence
+from gsae_jax.ot import BACKENDS, resolve_backend, solve_divergence
 
 VARIANTS = ("local", "minibatch_global", "full_global")
 OT_BACKENDS = ("auto", *BACKENDS)
@@ -71,7 +71,8 @@ class GSAEConfig:
     learning_rate, b1, b2: Adam.
     ot_backend: backend of the OT engine (:func:`gsae_jax.ot.resolve_backend`): ``"auto"``
       (default: block-sparse ``"multiscale"`` for the global variants' 2-D clouds from
-      10 000 points on, ``"dense"`` below), ``"dense"`` or ``"multiscale"``.
+      2 500 points on, ``"dense"`` below: ``resolve_backend(..., repeated=True)``, since the
+      step is compiled once), ``"dense"`` or ``"multiscale"``.
     ot_warm_iters: global variants with ``resample_freq > 1`` only. ``0`` (default): every
       step runs the cold annealed schedule, as the paper. ``k > 0``: a step that keeps the
       prior sample starts from the previous step's potentials (kept in :class:`TrainState`)
@@ -224,6 +225,19 @@ def _reconstruction(model, params, x):
   return jnp.mean((model.decode(params["decoder"], model.encode(params["encoder"], x)) - x) ** 2)
 
 
+def step_ot_backend(config: GSAEConfig, n: int, latent_dim: int) -> str | None:
+  """The OT backend a training step on ``n`` images runs (``None``: not the Sinkhorn).
+
+  The global variants solve ``n × n`` problems (all latents against an ``n``-point prior
+  sample), ``local`` ``M × M``; ``"auto"`` resolves with the repeated-call threshold
+  (:func:`gsae_jax.ot.resolve_backend`), since the step is compiled once.
+  """
+  if config.regularizer != "sinkhorn":
+    return None
+  size = config.batch_size if config.variant == "local" else n
+  return resolve_backend(config.ot_backend, size, size, latent_dim, repeated=True)
+
+
 def _solve(config: GSAEConfig, z, prior, init=None):
   return solve_divergence(
     z,
@@ -231,7 +245,10 @@ def _solve(config: GSAEConfig, z, prior, init=None):
     blur=config.blur,
     scaling=config.scaling,
     static_b=not config.prior_self_term,
-    backend=config.ot_backend,
+    # A training step is compiled once and run every step: the repeated-call crossover.
+    backend=resolve_backend(
+      config.ot_backend, z.shape[0], prior.shape[0], z.shape[1], repeated=True
+    ),
     init=init,
     warm_iters=max(1, config.ot_warm_iters),
   )

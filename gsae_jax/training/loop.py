@@ -37,6 +37,7 @@ from gsae_jax.training.gsae import (
   encode_all,
   init_state,
   make_train_step,
+  step_ot_backend,
 )
 
 
@@ -299,7 +300,8 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str) -> dict[str, floa
   _log(
     f"gsae: {config.variant} {config.arch} on {config.dataset} (n_train={n}, "
     f"n_test={data.test_images.shape[0]}), λ={gcfg.lam}, {config.epochs} epochs = "
-    f"{total_steps} steps, workdir {workdir}"
+    f"{total_steps} steps, OT backend {step_ot_backend(gcfg, n, config.latent_dim)}, "
+    f"workdir {workdir}"
   )
 
   model = make_autoencoder(config.arch, config.latent_dim, latent_map_for_prior(config.prior))
