@@ -19,7 +19,7 @@ $(STAMP_TEST): $(STAMP)
 	touch $@
 
 run: $(STAMP)
-	$(BIN)/python -m experiments.flower_mnist --variant=minibatch_global --arch=mlp --epochs=15 --eval_every=150 --workdir=runs/flower_mnist_default
+	$(BIN)/python -m experiments.flower_mnist --variant=minibatch_global --arch=mlp --epochs=12 --lam=6.67 --eval_every=160 --workdir=runs/flower_mnist_default
 
 lint: $(STAMP_TEST)
 	$(BIN)/ruff check .
