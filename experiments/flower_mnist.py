@@ -12,6 +12,7 @@ import json
 
 from absl import app, flags
 
+from experiments import compile_cache
 from gsae_jax.training import config_flags
 from gsae_jax.training.config_flags import config_from_flags, define_flags
 from gsae_jax.training.loop import ExperimentConfig, train_and_evaluate
@@ -19,6 +20,7 @@ from gsae_jax.training.loop import ExperimentConfig, train_and_evaluate
 FLAGS = flags.FLAGS
 _SETTINGS = define_flags(ExperimentConfig)  # one flag per setting, help and default included
 flags.adopt_module_key_flags(config_flags)  # listed by --help
+flags.adopt_module_key_flags(compile_cache)
 flags.DEFINE_string("workdir", None, "Output directory (resumes if it holds a checkpoint).")
 flags.mark_flag_as_required("workdir")
 
@@ -26,6 +28,7 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  compile_cache.enable()
   try:
     config = config_from_flags(ExperimentConfig, _SETTINGS)
   except ValueError as e:

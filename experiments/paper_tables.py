@@ -15,6 +15,7 @@ import sys
 
 from absl import app, flags
 
+from experiments import compile_cache
 from gsae_jax.training import config_flags
 from gsae_jax.training.config_flags import config_from_flags, define_flags, parse_seeds
 from gsae_jax.training.gsae import VARIANTS
@@ -27,6 +28,7 @@ _SETTINGS = define_flags(
   ExperimentConfig, skip=("variant", "lam", "seed"), defaults={"epochs": 10, "eval_every": 200}
 )
 flags.adopt_module_key_flags(config_flags)  # listed by --help
+flags.adopt_module_key_flags(compile_cache)
 flags.DEFINE_list("seeds", ["3"], "A count N (seeds 0..N-1) or a list of seeds, e.g. 0,3,7.")
 flags.DEFINE_list("variants", list(VARIANTS), "Variants to train.")
 flags.DEFINE_float("lam_local", None, "λ of local (default: the paper's 0.1).")
@@ -40,6 +42,7 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  compile_cache.enable()
   bad = [v for v in FLAGS.variants if v not in VARIANTS]
   if bad:
     raise app.UsageError(f"--variants: unknown {bad}; choose from {list(VARIANTS)}")

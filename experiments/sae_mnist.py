@@ -15,6 +15,7 @@ import sys
 
 from absl import app, flags
 
+from experiments import compile_cache
 from gsae_jax.training import config_flags
 from gsae_jax.training.config_flags import config_from_flags, define_flags, parse_seeds
 from gsae_jax.training.sae import ROWS, TABLE_ROWS, SAEConfig, run_table
@@ -22,6 +23,7 @@ from gsae_jax.training.sae import ROWS, TABLE_ROWS, SAEConfig, run_table
 FLAGS = flags.FLAGS
 _SETTINGS = define_flags(SAEConfig, skip=("row", "seed"))
 flags.adopt_module_key_flags(config_flags)  # listed by --help
+flags.adopt_module_key_flags(compile_cache)
 flags.DEFINE_list("rows", list(TABLE_ROWS), f"Rows to train: {', '.join(ROWS)}.")
 flags.DEFINE_list("seeds", ["3"], "A count N (seeds 0..N-1) or a list of seeds, e.g. 0,3,7.")
 flags.DEFINE_string("workdir", None, "Root directory of the table (resumes).")
@@ -31,6 +33,7 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  compile_cache.enable()
   try:
     base = config_from_flags(SAEConfig, _SETTINGS)
   except ValueError as e:

@@ -172,6 +172,7 @@ def test_sigterm_saves_a_checkpoint(tmp_path):
     "--epochs=100000",
     "--eval_every=1000000",
     "--log_every_s=0",
+    "--compilation_cache=",
     f"--workdir={tmp_path}",
   ]
   proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
@@ -236,14 +237,20 @@ def test_entry_point_runs_and_prints_summary(tmp_path):
     "--batch_size=50",
     "--epochs=1",
     "--eval_every=100",
-    f"--workdir={tmp_path}",
+    f"--compilation_cache={tmp_path / 'xla'}",
+    f"--workdir={tmp_path / 'run'}",
   ]
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
   summary = out.stdout.strip().splitlines()[-1]
   assert summary.startswith("minibatch_global mlp mnist5k: {")
   assert "steps/s" in out.stderr  # progress is visible
+  # The compiled steps went to the persistent cache (compilations of ≥ 1 s).
+  assert any(p.name.endswith("-cache") for p in (tmp_path / "xla").iterdir())
   bad = subprocess.run(
-    cmd[:3] + ["--arch=vgg", f"--workdir={tmp_path}"], capture_output=True, text=True, timeout=120
+    cmd[:3] + ["--arch=vgg", f"--workdir={tmp_path / 'bad'}"],
+    capture_output=True,
+    text=True,
+    timeout=120,
   )
   assert bad.returncode != 0 and "arch" in bad.stderr
 
