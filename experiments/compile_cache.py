@@ -2,8 +2,8 @@
 
 A rerun, a resumed run or the next run of a sweep loads its compiled steps from disk instead of
 compiling them again: the multiscale OT step compiles for ≈ 30 s on the 2-core CPU, and a
-process that finds it in the cache only traces and lowers it (≈ 38 → 14 s for the first call of
-a multiscale value + gradient at n = 4 000; BUILD_NOTES.md, "Compile time"). JAX keys the
+process that finds it in the cache only traces and lowers it (BUILD_NOTES.md, "Compile time of
+the multiscale backend"). JAX keys the
 entries by the lowered program, the compile options and the jax/XLA versions, so a changed
 program or installation misses the cache rather than loading a stale executable.
 """
