@@ -297,6 +297,7 @@ def test_overflow_is_reported():
   assert np.all(np.asarray(full.rows[count:]) == 20) and np.all(np.asarray(full.cols[count:]) == 30)
 
 
+@pytest.mark.slow  # ≈ 6 s: compiles the whole tile pipeline
 def test_jit_with_traced_points(x64, converged):
   # _pipeline is one jit over traced points, weights, potentials and ε: new values of the same
   # shapes reuse it. C is translation invariant, so shifting both clouds changes nothing.
