@@ -176,9 +176,9 @@ def test_train_step_takes_the_images_as_an_argument():
   assert int(new.step) == 1 and np.isfinite(float(out["loss"]))
 
 
-def _imq_mmd(x, y, d):
+def _imq_mmd(x, y, d, sigma2):
   """WAE-MMD's unbiased U-statistic with the summed IMQ kernels, written out unchunked."""
-  cs = [2.0 * d * s for s in (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)]
+  cs = [2.0 * d * sigma2 * s for s in (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)]
   k = lambda a, b: sum(c / (c + jnp.sum((a[:, None] - b[None]) ** 2, -1)) for c in cs)
   n, m = x.shape[0], y.shape[0]
   kxx, kyy = k(x, x), k(y, y)
@@ -196,27 +196,29 @@ def _w2_to_standard_normal(z):
   return mu @ mu + jnp.sum(lam) + z.shape[1] - 2 * jnp.sum(jnp.sqrt(jnp.maximum(lam, 1e-12)))
 
 
-_SLOW = pytest.mark.slow  # one case in the default suite; each case compiles its own step
-
-
 @pytest.mark.parametrize(
-  "variant, regularizer",
+  "variant, regularizer, sigma2",
   [
-    ("full_global", "mmd"),
-    pytest.param("local", "mmd", marks=_SLOW),
-    pytest.param("minibatch_global", "mmd", marks=_SLOW),
-    pytest.param("local", "w2gauss", marks=_SLOW),
-    pytest.param("minibatch_global", "w2gauss", marks=_SLOW),
-    pytest.param("full_global", "w2gauss", marks=_SLOW),
+    ("full_global", "mmd", 5.0),  # the non-default σ² must reach the kernel
+    ("local", "mmd", 1.0),
+    ("minibatch_global", "mmd", 1.0),
+    ("local", "w2gauss", 1.0),
+    ("minibatch_global", "w2gauss", 1.0),
+    ("full_global", "w2gauss", 1.0),
   ],
 )
-@pytest.mark.slow
-def test_other_regularizers_in_every_variant(setup, variant, regularizer):
+@pytest.mark.slow  # each case compiles its own step
+def test_other_regularizers_in_every_variant(setup, variant, regularizer, sigma2):
   # Each variant with a non-Sinkhorn regulariser: loss and gradient against the unchunked
   # loss with the regulariser written out here (rtol 1e-4 value, 1e-3 gradient, L2).
   model, images, idx = setup
   config = GSAEConfig(
-    variant=variant, regularizer=regularizer, lam=2.0, encode_chunk=64, batch_size=M
+    variant=variant,
+    regularizer=regularizer,
+    lam=2.0,
+    encode_chunk=64,
+    batch_size=M,
+    mmd_sigma2=sigma2,
   )
   state = init_state(jax.random.key(0), model, config, images)
   k_prior, k_local = jax.random.split(jax.random.key(1))
@@ -227,7 +229,7 @@ def test_other_regularizers_in_every_variant(setup, variant, regularizer):
   if regularizer == "w2gauss":  # its prior is N(0, I): the flower sample is ignored
     reg = lambda z, p: _w2_to_standard_normal(z)
   else:
-    reg = lambda z, p: _imq_mmd(z, p, 2)
+    reg = lambda z, p: _imq_mmd(z, p, 2, sigma2)
 
   def reference(params):
     x = images[idx]
@@ -254,3 +256,5 @@ def test_other_regularizers_need_their_lambda_and_no_warm_start():
     GSAEConfig(regularizer="xyz", lam=1.0)
   with pytest.raises(ValueError, match="needs regularizer='sinkhorn'"):
     GSAEConfig(regularizer="mmd", lam=1.0, ot_warm_iters=2, resample_freq=5)
+  with pytest.raises(ValueError, match="`mmd_sigma2` must be a positive finite number"):
+    GSAEConfig(regularizer="mmd", lam=1.0, mmd_sigma2=0.0)

@@ -53,7 +53,8 @@ class GSAEConfig:
       apply it to all ``n`` latents and an ``n``-point prior sample (``sharp`` and
       ``hungarian`` are dense and refuse large ``n`` at the first step). The OT settings
       below (``blur``, ``scaling``, ``ot_*``, ``prior_self_term``) are the Sinkhorn's; ``sharp``
-      takes ``ε = blur²`` and ``sharp_iters``; ``sliced`` takes ``n_projections``.
+      takes ``ε = blur²`` and ``sharp_iters``; ``sliced`` takes ``n_projections``; ``mmd``
+      takes ``mmd_sigma2``.
     lam: weight λ of the regulariser; ``None`` (default) takes the paper's λ of the variant
       (:data:`DEFAULT_LAMBDA`, Sinkhorn only: another regulariser needs it set), resolved
       here and nowhere else.
@@ -82,6 +83,10 @@ class GSAEConfig:
       divergence than the cold schedule; after a redraw they are not, hence cold there.
     n_projections: random directions of the ``sliced`` regulariser.
     sharp_iters: unrolled Sinkhorn iterations of the ``sharp`` regulariser.
+    mmd_sigma2: the ``mmd`` regulariser's prior variance σ² per coordinate, which sets its
+      IMQ kernels' base scale ``C = 2dσ²`` (WAE's convention; 1 for N(0, I), the default).
+      The flower's per-coordinate variance is ≈ 5 (petals at radius 3), and its petals are
+      ≈ 0.1 wide: the scale decides which of these the kernel resolves.
   """
 
   variant: str = "minibatch_global"
@@ -102,6 +107,7 @@ class GSAEConfig:
   ot_warm_iters: int = 0
   n_projections: int = 50
   sharp_iters: int = 100
+  mmd_sigma2: float = 1.0
 
   def __post_init__(self):
     if self.variant not in VARIANTS:
@@ -118,6 +124,8 @@ class GSAEConfig:
         raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
     if not (self.blur > 0 and math.isfinite(self.blur)):
       raise ValueError(f"`blur` must be a positive finite number, got {self.blur!r}.")
+    if not (self.mmd_sigma2 > 0 and math.isfinite(self.mmd_sigma2)):
+      raise ValueError(f"`mmd_sigma2` must be a positive finite number, got {self.mmd_sigma2!r}.")
     if not 0 < self.scaling < 1:
       raise ValueError(f"`scaling` must lie strictly between 0 and 1, got {self.scaling!r}.")
     regularizers.get_regularizer(self.regularizer)  # an unknown name fails here
@@ -260,6 +268,7 @@ def _other_regularizer(config: GSAEConfig, z, prior, key):
   settings = {
     "sharp": {"epsilon": config.blur**2, "n_iter": config.sharp_iters},
     "sliced": {"n_projections": config.n_projections},
+    "mmd": {"sigma2": config.mmd_sigma2},
   }.get(config.regularizer, {})
   return fn(z, prior, key=key, **settings)
 

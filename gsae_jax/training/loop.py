@@ -104,6 +104,9 @@ class ExperimentConfig:
   sharp_iters: int = _setting(
     _G["sharp_iters"], "Unrolled iterations of the sharp regulariser (ε = blur²).", True
   )
+  mmd_sigma2: float = _setting(
+    _G["mmd_sigma2"], "Prior variance σ² of the mmd regulariser (IMQ base scale 2dσ²).", True
+  )
   dataset: str = _setting("mnist5k", "mnist5k | idx:DIR | tfds:mnist | tfds:fashion_mnist")
   n_train: int | None = _setting(None, "Class-balanced training subset size.")
   n_test: int | None = _setting(None, "Class-balanced test subset size.")
