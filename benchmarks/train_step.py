@@ -20,16 +20,19 @@ CONFIG = ("arch", "blur", "scaling", "prior_self_term", "ot_backend", "ot_warm_i
 """The flags passed on to :class:`gsae_jax.training.loop.ExperimentConfig` (and into each row)."""
 
 
-def measure(variant: str, n: int, dataset: str, steps: int, **config) -> dict:
+def measure(variant: str, n: int, dataset: str, steps: int, pretrain: int = 0, **config) -> dict:
   """Times ``steps`` warm steps of one variant in this process, then its parts apart.
 
-  ``config``: the :data:`CONFIG` settings. The parts (global variants; each jitted alone,
-  median of 3 warm runs): ``encode_s`` (all ``n`` images through the encoder), ``ot_s`` (value
-  and gradient of the divergence between the ``n`` latents and an ``n``-point prior sample,
-  with the step's backend) and ``encode_vjp_s`` (encoder forward plus the VJP of a latent
-  cotangent into its parameters). With ``ot_warm_iters``, ``ot_s`` times the warm-started
-  solve (from the cold solve's potentials, the prior's extended to a new sample) that every
-  step after the first runs.
+  ``config``: the :data:`CONFIG` settings. ``pretrain``: ``local`` steps (cheap: one batch
+  against a batch-size prior sample) that train the autoencoder before the timed steps start
+  from their parameters, so that the latents roughly fill the prior as during training: a
+  fresh encoder's latents are a small blob, whose transport to the prior keeps more tiles.
+  The parts (global variants; each jitted alone, median of 3 warm runs): ``encode_s`` (all
+  ``n`` images through the encoder), ``ot_s`` (value and gradient of the divergence between
+  the ``n`` latents and an ``n``-point prior sample, with the step's backend) and
+  ``encode_vjp_s`` (encoder forward plus the VJP of a latent cotangent into its parameters).
+  With ``ot_warm_iters``, ``ot_s`` times the warm-started solve (from the cold solve's
+  potentials, the prior's extended to a new sample) that every step after the first runs.
   """
   import jax
   import jax.numpy as jnp
@@ -46,6 +49,14 @@ def measure(variant: str, n: int, dataset: str, steps: int, **config) -> dict:
   gsae = ExperimentConfig(variant=variant, **config).gsae()
   model = make_autoencoder(config["arch"], 2)
   state = init_state(jax.random.key(0), model, gsae, images)
+  if pretrain:
+    local = ExperimentConfig(variant="local", **config).gsae()
+    pre = init_state(jax.random.key(0), model, local, images)
+    local_step = make_train_step(model, local)
+    for i in range(pretrain):
+      idx = (jnp.arange(local.batch_size) + i * local.batch_size) % n
+      pre, _ = local_step(pre, images, idx, jax.random.fold_in(jax.random.key(3), i))
+    state = state._replace(params=pre.params, opt_state=pre.opt_state)
   step = make_train_step(model, gsae)
   key, s = jax.random.key(1), 0
 
@@ -133,6 +144,7 @@ def markdown(payload: dict) -> str:
     f"load average at start {payload['env']['load_avg_1m_at_start']:.2f}; "
     f"prior_self_term={a['prior_self_term']}; ot_warm_iters={a.get('ot_warm_iters', 0)}; "
     f"{a['steps']} timed steps after the first"
+    + (f", from the parameters of {a['pretrain']} `local` steps" if a.get("pretrain") else "")
   )
   return harness.table(columns, rows) + "\n\n" + note + "\n"
 
@@ -149,6 +161,7 @@ def main(argv=None) -> dict:
   p.add_argument("--prior_self_term", action="store_true", help="also the prior's self-term of S")
   p.add_argument("--ot_backend", default="auto", choices=("auto", "dense", "multiscale"))
   p.add_argument("--ot_warm_iters", type=int, default=0, help="warm-started OT: updates per step")
+  p.add_argument("--pretrain", type=int, default=0, help="local steps before the timed ones")
   p.add_argument("--timeout_s", type=float, default=None, help="kill a config after this long (s)")
   args = harness.parse(p, argv, "train_step")
   env, rows = harness.env_info(), []
@@ -156,7 +169,7 @@ def main(argv=None) -> dict:
     dataset = "mnist5k" if n <= 4000 else args.dataset
     for v in args.variants:
       row = {"variant": v, "n": n, "dataset": dataset, **{k: getattr(args, k) for k in CONFIG}}
-      kwargs = {**row, "steps": args.steps}
+      kwargs = {**row, "steps": args.steps, "pretrain": args.pretrain}
       row.update(harness.run_isolated("benchmarks.train_step:measure", kwargs, args.timeout_s))
       rows.append(row)
       rate, peak = row.get("steps_per_s"), row.get("peak_rss_mb") or float("nan")

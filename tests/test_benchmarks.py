@@ -207,6 +207,12 @@ def test_train_step_benchmark_tiny(tmp_path):
     rows[0]["peak_rss_with_parts_mb"] >= rows[0]["peak_rss_mb"] > rows[0]["rss_after_imports_mb"]
   )
   assert (tmp_path / "train_step.md").read_text().startswith("| variant | n |")
+  # --pretrain: the timed steps start from trained parameters, so their loss is lower.
+  argv = ["--n", "200", "--variants", "local", "--steps", "1", "--pretrain", "30"]
+  train_step.main([*argv, "--out", str(tmp_path), "--name", "pre"])
+  (pre,) = json.loads((tmp_path / "pre.json").read_text())["rows"]
+  assert pre["status"] == "ok" and pre["loss"] < 0.9 * rows[0]["loss"]
+  assert "from the parameters of 30 `local` steps" in (tmp_path / "pre.md").read_text()
 
 
 @pytest.mark.slow
