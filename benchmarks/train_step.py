@@ -16,7 +16,15 @@ from benchmarks import harness
 VARIANTS = ("local", "minibatch_global", "full_global")
 
 
-CONFIG = ("arch", "blur", "scaling", "prior_self_term", "ot_backend", "ot_warm_iters")
+CONFIG = (
+  "arch",
+  "blur",
+  "scaling",
+  "prior_self_term",
+  "ot_backend",
+  "ot_warm_iters",
+  "resample_freq",
+)
 """The flags passed on to :class:`gsae_jax.training.loop.ExperimentConfig` (and into each row)."""
 
 
@@ -50,7 +58,8 @@ def measure(variant: str, n: int, dataset: str, steps: int, pretrain: int = 0, *
   model = make_autoencoder(config["arch"], 2)
   state = init_state(jax.random.key(0), model, gsae, images)
   if pretrain:
-    local = ExperimentConfig(variant="local", **config).gsae()
+    # `local` draws a new prior sample every step: no potentials to warm-start.
+    local = ExperimentConfig(**{**config, "variant": "local", "ot_warm_iters": 0}).gsae()
     pre = init_state(jax.random.key(0), model, local, images)
     local_step = make_train_step(model, local)
     for i in range(pretrain):
@@ -143,6 +152,7 @@ def markdown(payload: dict) -> str:
   note = (
     f"load average at start {payload['env']['load_avg_1m_at_start']:.2f}; "
     f"prior_self_term={a['prior_self_term']}; ot_warm_iters={a.get('ot_warm_iters', 0)}; "
+    f"resample_freq={a.get('resample_freq', 1)}; "
     f"{a['steps']} timed steps after the first"
     + (f", from the parameters of {a['pretrain']} `local` steps" if a.get("pretrain") else "")
   )
@@ -161,6 +171,7 @@ def main(argv=None) -> dict:
   p.add_argument("--prior_self_term", action="store_true", help="also the prior's self-term of S")
   p.add_argument("--ot_backend", default="auto", choices=("auto", "dense", "multiscale"))
   p.add_argument("--ot_warm_iters", type=int, default=0, help="warm-started OT: updates per step")
+  p.add_argument("--resample_freq", type=int, default=1, help="prior redraws (warm OT needs > 1)")
   p.add_argument("--pretrain", type=int, default=0, help="local steps before the timed ones")
   p.add_argument("--timeout_s", type=float, default=None, help="kill a config after this long (s)")
   args = harness.parse(p, argv, "train_step")

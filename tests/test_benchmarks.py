@@ -213,6 +213,11 @@ def test_train_step_benchmark_tiny(tmp_path):
   (pre,) = json.loads((tmp_path / "pre.json").read_text())["rows"]
   assert pre["status"] == "ok" and pre["loss"] < 0.9 * rows[0]["loss"]
   assert "from the parameters of 30 `local` steps" in (tmp_path / "pre.md").read_text()
+  # Warm-started OT needs the prior sample kept between steps: --resample_freq reaches the step.
+  argv = ["--n", "200", "--variants", "minibatch_global", "--steps", "2", "--ot_warm_iters", "1"]
+  train_step.main([*argv, "--resample_freq", "4", "--out", str(tmp_path), "--name", "warm"])
+  (warm,) = json.loads((tmp_path / "warm.json").read_text())["rows"]
+  assert warm["status"] == "ok" and warm["resample_freq"] == 4 and warm["ot_warm_iters"] == 1
 
 
 @pytest.mark.slow
