@@ -258,3 +258,7 @@ def test_other_regularizers_need_their_lambda_and_no_warm_start():
     GSAEConfig(regularizer="mmd", lam=1.0, ot_warm_iters=2, resample_freq=5)
   with pytest.raises(ValueError, match="`mmd_sigma2` must be a positive finite number"):
     GSAEConfig(regularizer="mmd", lam=1.0, mmd_sigma2=0.0)
+  with pytest.raises(ValueError, match="`mmd_sigma2` must be a positive finite number"):
+    GSAEConfig(regularizer="mmd", lam=1.0, mmd_sigma2=float("nan"))
+  with pytest.raises(ValueError, match="`blur` must be a positive finite number"):
+    GSAEConfig(blur=float("inf"))

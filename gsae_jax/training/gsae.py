@@ -122,10 +122,10 @@ class GSAEConfig:
     ):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
-    if not (self.blur > 0 and math.isfinite(self.blur)):
-      raise ValueError(f"`blur` must be a positive finite number, got {self.blur!r}.")
-    if not (self.mmd_sigma2 > 0 and math.isfinite(self.mmd_sigma2)):
-      raise ValueError(f"`mmd_sigma2` must be a positive finite number, got {self.mmd_sigma2!r}.")
+    for name in ("blur", "mmd_sigma2"):
+      value = getattr(self, name)
+      if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}.")
     if not 0 < self.scaling < 1:
       raise ValueError(f"`scaling` must lie strictly between 0 and 1, got {self.scaling!r}.")
     regularizers.get_regularizer(self.regularizer)  # an unknown name fails here
