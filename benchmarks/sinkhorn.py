@@ -12,6 +12,12 @@ the divergence and its gradient in ``x``:
 * ``ours_tol``: the same, then iterations at ``ε = blur²`` to marginal violation ``--tol``;
 * ``ours_s0.9`` / ``ours_s0.99``: annealed only, at scaling 0.9 / 0.99 (GeomLoss's accuracy
   knob: more, finer ε steps), to show the time/accuracy trade-off against ``ours_tol``;
+* ``ours_fixed`` / ``ours_fixed_multiscale``: another quantity, the fixed-ε solver
+  :func:`gsae_jax.ot.sinkhorn` (``backend="dense"`` / ``"multiscale"``) at ``ε = blur²`` from
+  zero potentials for exactly ``--fixed_iters`` update pairs, its ``reg_ot_cost`` ``OT_ε(x, y)``
+  and gradient: the two backends' cost per update at equal work (a cold start at this ``ε``
+  needs thousands of updates to converge, which is why the divergence anneals); compared with
+  each other, not with the reference;
 * ``ott_dense``: ott-jax ``sinkhorn_divergence`` (dense ``PointCloud``, ``ε_ott = 2 blur²``, its
   cost and value are twice ours, halved here), ``threshold = --tol``;
 * ``ott_online``: the same with ``PointCloud(batch_size=...)``;
@@ -50,6 +56,8 @@ from benchmarks import harness
 METHODS = (
   "ours",
   "ours_multiscale",
+  "ours_fixed",
+  "ours_fixed_multiscale",
   "ours_tol",
   "ours_s0.9",
   "ours_s0.99",
@@ -78,14 +86,20 @@ PRELOAD = {
 
 
 def _ours(method: str, a: dict):
-  from gsae_jax.ot import sinkhorn_divergence
+  from gsae_jax.ot import sinkhorn, sinkhorn_divergence
+
+  backend = "multiscale" if method.endswith("multiscale") else "dense"
+  if method.startswith("ours_fixed"):
+    # tol below float32's reach: exactly --fixed_iters update pairs.
+    kw = {"epsilon": a["blur"] ** 2, "tol": 1e-12, "max_iter": a["fixed_iters"]}
+    return lambda x, y: sinkhorn(x, y, backend=backend, **kw).reg_ot_cost
 
   kw = {
     "blur": a["blur"],
     "scaling": float(method[6:]) if method.startswith("ours_s0") else a["scaling"],
     "tol": a["tol"] if method == "ours_tol" else None,
     "max_iter": a["max_iter"],
-    "backend": "multiscale" if method == "ours_multiscale" else "dense",
+    "backend": backend,
   }
   return lambda x, y: sinkhorn_divergence(x, y, **kw)
 
@@ -172,7 +186,7 @@ def _skip(method: str, n: int, d: int, args) -> str | None:
   """Why ``method`` does not run at ``(n, d)``, or ``None``."""
   if method in DENSE and 3 * n * n * 4 > args.dense_limit_gb * 2**30:
     return f"skipped: 3 dense {n}×{n} float32 arrays exceed {args.dense_limit_gb:g} GB"
-  if method == "ours" and args.ours_max_n and n > args.ours_max_n:
+  if method in ("ours", "ours_fixed") and args.ours_max_n and n > args.ours_max_n:
     return f"skipped: dense above --ours_max_n {args.ours_max_n}"
   if method.endswith("multiscale") and d > 3:
     return "skipped: the multiscale backend is for d <= 3"
@@ -194,6 +208,11 @@ def _isolated(method: str, d: int, n: int, tmp: Path, args) -> tuple[dict, np.nd
   return r, np.load(grad_path) if r["status"] == "ok" else None
 
 
+def _base(method: str) -> str:
+  """The row ``method`` is compared with: ``ours_fixed`` for the fixed-ε rows, else ``ours``."""
+  return "ours_fixed" if method.startswith("ours_fixed") else "ours"
+
+
 def run(args) -> dict:
   """Every (d, n, method) of ``args``, after the float64 reference of each (d, n)."""
   env, rows = harness.env_info(), []
@@ -212,7 +231,7 @@ def run(args) -> dict:
           ref_value, t = r["value"], r["first_run_s"] + (r["compile_s"] or 0)
           ref_note = f"ok, {t:.1f} s"
         harness.log(f"  reference {ref_note}, S = {ref_value}")
-      ours = None
+      bases = {}  # the dense rows the others are compared with: ours, ours_fixed
       for method in args.methods:
         row = {"method": method, "d": d, "n": n, "ref_value": ref_value, "reference": ref_note}
         row["load_avg_1m"] = os.getloadavg()[0]
@@ -220,14 +239,15 @@ def run(args) -> dict:
         r, g = ({"status": why}, None) if why else _isolated(method, d, n, tmp, args)
         row.update(r)
         if g is not None:
-          if ref_grad is not None:
+          if ref_grad is not None and _base(method) == "ours":
             row["value_rel_err"] = harness.rel_err(row["value"], ref_value)
             row["grad_rel_err"] = harness.rel_err(g, ref_grad)
-          if method == "ours":
-            ours = row["value"], g
-          elif ours is not None:
-            row["value_rel_diff_ours"] = harness.rel_err(row["value"], ours[0])
-            row["grad_rel_diff_ours"] = harness.rel_err(g, ours[1])
+          if method == _base(method):
+            bases[method] = row["value"], g
+          elif _base(method) in bases:
+            base_value, base_grad = bases[_base(method)]
+            row["value_rel_diff_ours"] = harness.rel_err(row["value"], base_value)
+            row["grad_rel_diff_ours"] = harness.rel_err(g, base_grad)
         rows.append(row)
         t, v = harness.seconds(row), row.get("value")
         status = f"{row['status']}" + (f", {t:.3g} s, {v:.6g}" if t else "")
@@ -238,8 +258,10 @@ def run(args) -> dict:
 def markdown(payload: dict) -> str:
   """The result table: one row per (d, n, method), times as ratios to ``ours`` too."""
   rows, time_s = payload["rows"], harness.seconds
-  ours = {(r["d"], r["n"]): time_s(r) for r in rows if r["method"] == "ours"}
-  base = lambda r: ours.get((r["d"], r["n"]))
+  bases = {
+    (r["d"], r["n"], r["method"]): time_s(r) for r in rows if r["method"] == _base(r["method"])
+  }
+  base = lambda r: bases.get((r["d"], r["n"], _base(r["method"])))
   peak, before = lambda r: r.get("peak_rss_mb"), lambda r: r.get("vm_hwm_before_mb")
   columns = [
     ("d", "d"),
@@ -269,7 +291,14 @@ def markdown(payload: dict) -> str:
   head = (
     f"Sinkhorn divergence value + gradient in x, float32 inputs, blur {a['blur']}, scaling "
     f"{a['scaling']}; GeomLoss on {a.get('torch_threads', '?')} torch/OpenMP thread(s); "
-    f"`ours_tol` and `ott_dense` run to marginal violation {a['tol']}. Errors "
+    f"`ours_tol` and `ott_dense` run to marginal violation {a['tol']}. "
+    + (
+      f"`ours_fixed*`: OT_ε(x, y) at ε = blur² after {a['fixed_iters']} update pairs from "
+      'zero potentials, "÷ ours" and "vs ours" against `ours_fixed`. '
+      if any(r["method"].startswith("ours_fixed") for r in rows)
+      else ""
+    )
+    + f"Errors "
     f'("rel. err") are against a float64 reference: the three OT terms solved separately by '
     f"the alternating fixed-ε `gsae_jax.ot.sinkhorn` to marginal violation {a['ref_tol']} "
     f'(`benchmarks.ot_accuracy.reference`); "vs ours" is the relative difference to `ours` '
@@ -291,6 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--scaling", type=float, default=0.7)
   p.add_argument("--tol", type=float, default=1e-3, help="marginal tolerance of converged runs")
   p.add_argument("--max_iter", type=int, default=10_000)
+  p.add_argument("--fixed_iters", type=int, default=100, help="update pairs of ours_fixed*")
   p.add_argument("--ref_tol", type=float, default=1e-5)
   p.add_argument("--ref_max_iter", type=int, default=100_000)
   p.add_argument("--ref_max_n", type=int, default=1000, help="largest n given a reference")

@@ -51,6 +51,25 @@ def test_sinkhorn_benchmark_tiny(tmp_path):
 
 
 @pytest.mark.slow
+def test_sinkhorn_benchmark_fixed_epsilon_rows(tmp_path):
+  # The fixed-ε rows: the multiscale solver against the dense one after the same 30 update
+  # pairs (the truncation, e^-10 of each row's mass, is all that separates them).
+  methods = ["ours_fixed", "ours_fixed_multiscale"]
+  payload = sinkhorn.main(
+    ["--sizes", "300", "--dims", "2", "--methods", *methods, "--blur", "0.1"]
+    + ["--fixed_iters", "30", "--ref_max_n", "0", "--repeats", "1", "--out", str(tmp_path)]
+  )
+  rows = {r["method"]: r for r in payload["rows"]}
+  assert [r["status"] for r in rows.values()] == ["ok", "ok"]
+  dense, multi = rows["ours_fixed"], rows["ours_fixed_multiscale"]
+  assert dense["value"] > 0 and dense["grad_finite"] and "value_rel_err" not in multi
+  assert multi["value_rel_diff_ours"] < 1e-4 and multi["grad_rel_diff_ours"] < 1e-3
+  md = (tmp_path / "sinkhorn.md").read_text()
+  assert "`ours_fixed*`: OT_ε(x, y) at ε = blur² after 30 update pairs" in md
+  assert "| 2 | 300 | ours_fixed | " in md and "| 1.00× |" in md
+
+
+@pytest.mark.slow
 def test_sinkhorn_skip_rules_and_append(tmp_path):
   # Dense peers and slow converged solves are skipped with a reason, not silently dropped;
   # --append merges those rows into a recorded result file.
