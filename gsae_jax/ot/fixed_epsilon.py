@@ -51,8 +51,10 @@ def sinkhorn(
   ``backend="multiscale"`` (d ≤ 3) runs every softmin over the tiles of ``block_size²`` pairs
   that the current potentials cannot rule out: a dropped tile provably holds less than
   ``e^{−truncate}`` of each row's mass given the potentials it is chosen from
-  (:func:`gsae_jax.ot.multiscale.select_tiles`), so at the fixed point the truncation is
-  rigorous; a tile list that overflows ``tile_fraction`` of all tiles runs that softmin densely
+  (:func:`gsae_jax.ot.multiscale.select_tiles`), and a softmin whose result exceeds its rows'
+  estimate by more than ``ε`` (far from the fixed point, e.g. a cold start at a small ``ε``)
+  reruns with that result as the estimate, so the truncation is rigorous at every update; a
+  tile list that overflows ``tile_fraction`` of all tiles runs that softmin densely
   and counts it in ``dense_fallbacks``. It pays when ``√ε`` is small against the clouds'
   extent (few tiles relevant); at a large ``ε`` every tile is relevant and ``dense`` is faster.
   ``"auto"`` picks it as :func:`gsae_jax.ot.resolve_backend` does (d ≤ 3 and
