@@ -170,6 +170,7 @@ def test_too_small_traced_diameter_gives_nan():
     ({"chunk_size": -3}, ValueError, "`chunk_size`"),
     ({"static_b": "yes"}, TypeError, "`static_b`"),
     ({"backend": "multiscale_typo"}, ValueError, "`backend` must be one of"),
+    ({"coarse": "fine"}, ValueError, "`coarse` must be one of"),
     ({"diameter": -1.0}, ValueError, "`diameter`"),
   ],
 )

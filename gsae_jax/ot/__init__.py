@@ -17,6 +17,7 @@ from gsae_jax.ot.divergence import (
 from gsae_jax.ot.fixed_epsilon import sinkhorn
 from gsae_jax.ot.problem import (
   BACKENDS,
+  COARSE_GRIDS,
   DivergenceOutput,
   DivergenceSettings,
   OTProblem,
@@ -28,6 +29,7 @@ from gsae_jax.ot.validation import validate_inputs
 
 __all__ = [
   "BACKENDS",
+  "COARSE_GRIDS",
   "DivergenceOutput",
   "DivergenceSettings",
   "OTProblem",

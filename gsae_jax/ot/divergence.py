@@ -24,7 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from gsae_jax.ot import schedule, validation
-from gsae_jax.ot.problem import BACKENDS, DivergenceOutput, DivergenceSettings, OTProblem
+from gsae_jax.ot.problem import (
+  BACKENDS,
+  COARSE_GRIDS,
+  DivergenceOutput,
+  DivergenceSettings,
+  OTProblem,
+)
 from gsae_jax.ot.softmin import softmin_kernel
 
 sg = jax.lax.stop_gradient
@@ -465,6 +471,7 @@ def make_problem_and_settings(
   block_size=128,
   tile_fraction=0.25,
   warm_iters=5,
+  coarse="fast",
 ) -> tuple[OTProblem, DivergenceSettings]:
   """Checks every argument of :func:`solve_divergence` and packs them; raises ``ValueError``
   or ``TypeError`` naming the first bad one. See :func:`solve_divergence` for the arguments."""
@@ -495,6 +502,7 @@ def make_problem_and_settings(
   block_size = validation.check_count("block_size", block_size)
   validation.check_scalar("tile_fraction", tile_fraction, low=0.0, high=1.0, open_high=False)
   warm_iters = validation.check_count("warm_iters", warm_iters)
+  validation.check_choice("coarse", coarse, COARSE_GRIDS)
   unroll_steps = _unroll_steps(x, y, blur, scaling, diameter) if grad == "unroll" else None
   settings = DivergenceSettings(
     blur=blur,
@@ -511,6 +519,7 @@ def make_problem_and_settings(
     block_size=block_size,
     tile_fraction=float(tile_fraction),
     warm_iters=warm_iters,
+    coarse=coarse,
   )
   return OTProblem(x, y, a, b), settings
 
@@ -576,6 +585,7 @@ def solve_divergence(
   tile_fraction: float = 0.25,
   init: DivergenceOutput | tuple | None = None,
   warm_iters: int = 5,
+  coarse: str = "fast",
 ) -> DivergenceOutput:
   """Debiased Sinkhorn divergence with its potentials and convergence report.
 
@@ -655,6 +665,11 @@ def solve_divergence(
       approaches the converged divergence, not the annealed one (BUILD_NOTES.md, "Warm
       starts across steps"). Which entries are ``None`` is static.
     warm_iters: updates run from ``init`` when ``tol`` is ``None`` (static; default 5).
+    coarse: ``multiscale`` coarse phase (static), one of :data:`COARSE_GRIDS`: ``"fast"``
+      (default) or ``"accurate"``, which in 2-D keeps at least 32 cells per ``√ε`` on a
+      grid before moving to a finer one: about twice the time, and a value within 0.02 % of
+      dense where ``"fast"`` is off by ≈ 1.7e-6 absolute (two samples of one distribution at
+      large n, where ``S_ε`` itself is that small) or 5 % (isolated outliers).
 
   Returns:
     A :class:`~gsae_jax.ot.problem.DivergenceOutput`; its ``value`` is differentiable in
@@ -678,6 +693,7 @@ def solve_divergence(
     block_size=block_size,
     tile_fraction=tile_fraction,
     warm_iters=warm_iters,
+    coarse=coarse,
   )
   return _solve(problem, settings, check_init(init, problem, settings))
 
@@ -702,6 +718,7 @@ def sinkhorn_divergence(
   tile_fraction: float = 0.25,
   init: DivergenceOutput | tuple | None = None,
   warm_iters: int = 5,
+  coarse: str = "fast",
 ) -> jax.Array:
   """Debiased Sinkhorn divergence ``S_ε(α, β)`` as a differentiable scalar.
 
@@ -714,7 +731,7 @@ def sinkhorn_divergence(
   Args:
     x: ``[n, d]``; y: ``[m, d]``; a: ``[n]``; b: ``[m]`` (uniform by default).
     blur, scaling, tol, max_iter, grad, chunk_size, diameter, static_b, backend, truncate,
-      block_size, tile_fraction, init, warm_iters: as in :func:`solve_divergence`.
+      block_size, tile_fraction, init, warm_iters, coarse: as in :func:`solve_divergence`.
 
   Returns:
     Scalar ``S_ε`` (or ``S_ε + ½ OT_ε(β, β)`` with ``static_b``), differentiable in
@@ -739,4 +756,5 @@ def sinkhorn_divergence(
     tile_fraction=tile_fraction,
     init=init,
     warm_iters=warm_iters,
+    coarse=coarse,
   ).value

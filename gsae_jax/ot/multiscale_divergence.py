@@ -5,9 +5,10 @@ Same divergence, schedule and update order as the dense backend (GeomLoss
 with two scales, as GeomLoss's ``multiscale`` backend:
 
 1. **Coarse phase.** While ``√ε`` is at least the cell side of static nested ``K^d`` grids
-   (:mod:`gsae_jax.ot.clusters`; 64², 128², 256² cells in 2-D, 16³ in 3-D), the annealing
-   runs on the cells' mass-weighted centroids, each level on the coarsest grid fine enough
-   for it, through the same block-sparse softmin as the points: the occupied cells first
+   (:mod:`gsae_jax.ot.clusters`; 64², 128², 256² cells in 2-D, 64² and 256² with
+   ``coarse="accurate"``, 16³ in 3-D), the annealing runs on the cells' mass-weighted
+   centroids, each level on the coarsest grid fine enough for it (``_GRIDS``), through the
+   same block-sparse softmin as the points: the occupied cells first
    along the grid's Hilbert curve, the empty ones marked invalid, so only occupied cells and
    their relevant tiles cost anything.
 2. **Jumps.** Each potential moves to the next grid's cells, and from the finest grid to the
@@ -46,15 +47,19 @@ from gsae_jax.ot.softmin import softmin_kernel
 
 sg = jax.lax.stop_gradient
 
-# The coarse grids, coarse to fine, as (K, J): a static K^d grid over the joint box whose
-# levels run while √ε ≥ J of its cell sides. Only occupied cells cost anything; the finest
-# grid moves the jump to the points to a smaller ε, where the fine levels are sparser, and the
-# coarser ones keep the large-ε levels (every cell pair relevant) cheap: a trained encoder's
-# latents occupy many more 128² cells than the flower does. In d = 3 jumping at one cell
-# left the gradient 8–19 % off dense (n = 1 500), at four within 5 %; the 64² grid stops at
-# eight cells: at one it moved the isolated-outlier case 15 % from dense, at eight 5 %
-# (BUILD_NOTES.md, "Multiscale backend").
-_GRIDS = {1: ((4096, 1.0),), 2: ((64, 8.0), (128, 1.0), (256, 1.0)), 3: ((16, 4.0),)}
+# The coarse grids per `coarse` setting and d, coarse to fine, as (K, J): a static K^d grid
+# over the joint box whose levels run while √ε ≥ J of its cell sides. Only occupied cells cost
+# anything; the finest grid moves the jump to the points to a smaller ε, where the fine levels
+# are sparser, and the coarser ones keep the large-ε levels (every cell pair relevant) cheap.
+# "fast": in d = 3 jumping at one cell left the gradient 8–19 % off dense (n = 1 500), at four
+# within 5 %; the 64² grid stops at eight cells: at one it moved the isolated-outlier case
+# 15 % from dense, at eight 5 %. The annealed value keeps a bias from each jump between grids
+# taken at J ≤ 16 (J = 8: ≈ 1e-6, n-independent; J = 32: none measurable), so "accurate" runs
+# the 256² grid from 32 cells of the 64² grid down (BUILD_NOTES.md, "Multiscale backend").
+_GRIDS = {
+  "fast": {1: ((4096, 1.0),), 2: ((64, 8.0), (128, 1.0), (256, 1.0)), 3: ((16, 4.0),)},
+  "accurate": {1: ((4096, 1.0),), 2: ((64, 32.0), (256, 1.0)), 3: ((16, 4.0),)},
+}
 # Cells per block of the coarse cloud.
 _CELL_BLOCK = 128
 
@@ -225,7 +230,7 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings, init=None) -> 
     # order, empty cells invalid (never computed, never a column), so only occupied cells cost
     # anything. Each level runs on the coarsest grid whose cell is at most √ε / its J (_GRIDS).
     levels = []  # per grid: (grid, cells and slots of x and y, rows and columns per side, n_end)
-    for per_axis, jump_cells in _GRIDS[d]:
+    for per_axis, jump_cells in _GRIDS[s.coarse][d]:
       grid = clusters.make_grid(xs, ys, per_axis)
       max_cells = min(per_axis**d, -(-max(x.shape[0], y.shape[0]) // _CELL_BLOCK) * _CELL_BLOCK)
       cells, slots = zip(

@@ -56,6 +56,12 @@ BACKENDS = ("dense", "multiscale")
 """Backends of the divergence and the fixed-ε solver (GeomLoss's vocabulary). ``"auto"``
 resolves to one of these before tracing; ``"dense"`` is the chunked exact path."""
 
+COARSE_GRIDS = ("fast", "accurate")
+"""Coarse phases of the ``multiscale`` divergence (:mod:`gsae_jax.ot.multiscale_divergence`):
+``"fast"`` hands each ε level to a finer 2-D grid early, ``"accurate"`` keeps ≥ 32 cells per
+``√ε`` before every jump between grids (≈ 2× the time at n = 60 000; the annealed value of two
+samples of one distribution then stays within 0.02 % of dense instead of a bias of ≈ 1.7e-6)."""
+
 
 @_pytree(
   data=("blur", "scaling", "tol", "diameter", "truncate"),
@@ -69,6 +75,7 @@ resolves to one of these before tracing; ``"dense"`` is the chunked exact path."
     "block_size",
     "tile_fraction",
     "warm_iters",
+    "coarse",
   ),
 )
 class DivergenceSettings:
@@ -96,6 +103,7 @@ class DivergenceSettings:
       all tiles; a softmin whose kept tiles overflow it runs densely and is counted.
     warm_iters: updates at ``ε = blur²`` run from warm-start potentials (``init``) in annealed
       mode (``tol=None``); unused without ``init``.
+    coarse: ``multiscale`` only: the coarse phase's grids, one of :data:`COARSE_GRIDS`.
   """
 
   blur: jax.Array | float
@@ -112,6 +120,7 @@ class DivergenceSettings:
   block_size: int = 128
   tile_fraction: float = 0.25
   warm_iters: int = 5
+  coarse: str = "fast"
 
 
 @_pytree(
