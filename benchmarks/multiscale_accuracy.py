@@ -1,6 +1,6 @@
 """The multiscale backend against the dense path on the accuracy tests' clouds: the table.
 
-  python -m benchmarks.multiscale_accuracy --dims 2 3
+  python -m benchmarks.multiscale_accuracy --dims 2 3 --coarse fast accurate
 
 The clouds, block size and settings are those of ``tests/test_ot_multiscale_divergence.py``
 (``make_case``: flower vs Gaussian, flower vs flower, weighted, far apart, isolated outliers;
@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 
 from benchmarks import harness
+from gsae_jax.ot import COARSE_GRIDS
 
 
-def measure(dims) -> list[dict]:
-  """One row per (case, d): dense value, relative value and gradient differences, tiles."""
+def measure(dims, coarse=("fast",)) -> list[dict]:
+  """One row per (case, d, coarse grids): dense value, relative value and gradient
+  differences, tiles."""
   from tests.test_ot_multiscale_divergence import CASES, KW, _rel_l2, _value_and_grad, make_case
 
   rows = []
@@ -25,19 +27,21 @@ def measure(dims) -> list[dict]:
     for case in CASES:
       x, y, a, b = make_case(case, d)
       vd, gd, _ = _value_and_grad(x, y, a, b, backend="dense")
-      vm, gm, out = _value_and_grad(x, y, a, b, backend="multiscale", **KW)
-      rows.append(
-        {
-          "case": case,
-          "d": d,
-          "dense_value": float(vd),
-          "value_rel_diff": harness.rel_err(vm, vd),
-          "grad_rel_l2_diff": _rel_l2(gm, gd),  # the tests' own measure
-          "kept_tile_fraction": float(out.kept_tile_fraction),
-          "dense_fallbacks": int(out.dense_fallbacks),
-        }
-      )
-      harness.log(str(rows[-1]))
+      for grids in coarse:
+        vm, gm, out = _value_and_grad(x, y, a, b, backend="multiscale", coarse=grids, **KW)
+        rows.append(
+          {
+            "case": case,
+            "d": d,
+            "coarse": grids,
+            "dense_value": float(vd),
+            "value_rel_diff": harness.rel_err(vm, vd),
+            "grad_rel_l2_diff": _rel_l2(gm, gd),  # the tests' own measure
+            "kept_tile_fraction": float(out.kept_tile_fraction),
+            "dense_fallbacks": int(out.dense_fallbacks),
+          }
+        )
+        harness.log(str(rows[-1]))
   return rows
 
 
@@ -46,16 +50,19 @@ def markdown(payload: dict) -> str:
   columns = [
     ("clouds", "case"),
     ("d", "d"),
+    ("coarse", "coarse"),
     ("dense S", "dense_value"),
     ("value rel. diff", "value_rel_diff"),
     ("grad rel. L2 diff", "grad_rel_l2_diff"),
     ("tiles kept", "kept_tile_fraction"),
     ("dense fallbacks", "dense_fallbacks"),
   ]
-  dims = " ".join(map(str, payload["args"]["dims"]))
+  args = payload["args"]
+  dims, coarse = (" ".join(map(str, args[k])) for k in ("dims", "coarse"))
   return (
     "# Multiscale vs dense (annealed), the accuracy tests' clouds\n\n"
-    f"`python -m benchmarks.multiscale_accuracy --dims {dims}`: n = 1 500 vs 1 300, block 32, "
+    f"`python -m benchmarks.multiscale_accuracy --dims {dims} --coarse {coarse}`: "
+    "n = 1 500 vs 1 300, block 32, "
     "blur 0.05, scaling 0.7, truncate 10, float32; targets: value 1 %, gradient 5 % "
     "(relative L2).\n\n" + harness.table(columns, payload["rows"], 3)
   )
@@ -64,8 +71,10 @@ def markdown(payload: dict) -> str:
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--dims", type=int, nargs="+", default=[2, 3], choices=(2, 3))
+  p.add_argument("--coarse", nargs="+", default=["fast"], choices=COARSE_GRIDS)
   args = harness.parse(p, argv, "multiscale_accuracy")
-  payload = {"env": harness.env_info(), "args": vars(args), "rows": measure(args.dims)}
+  rows = measure(args.dims, args.coarse)
+  payload = {"env": harness.env_info(), "args": vars(args), "rows": rows}
   harness.write(args.out, args.name, payload, markdown(payload))
   return payload
 

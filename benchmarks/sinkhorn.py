@@ -9,6 +9,7 @@ the divergence and its gradient in ``x``:
 * ``ours``: :func:`gsae_jax.ot.sinkhorn_divergence` with ``backend="dense"`` (every pair),
   GeomLoss's annealed schedule (the GSAE paper's setting, ``blur``, ``scaling``), no test;
 * ``ours_multiscale``: the same with ``backend="multiscale"`` (d ≤ 3 only);
+  ``ours_multiscale_accurate`` with its ``coarse="accurate"`` grids;
 * ``ours_tol``: the same, then iterations at ``ε = blur²`` to marginal violation ``--tol``;
 * ``ours_s0.9`` / ``ours_s0.99``: annealed only, at scaling 0.9 / 0.99 (GeomLoss's accuracy
   knob: more, finer ε steps), to show the time/accuracy trade-off against ``ours_tol``;
@@ -56,6 +57,7 @@ from benchmarks import harness
 METHODS = (
   "ours",
   "ours_multiscale",
+  "ours_multiscale_accurate",
   "ours_fixed",
   "ours_fixed_multiscale",
   "ours_tol",
@@ -88,7 +90,7 @@ PRELOAD = {
 def _ours(method: str, a: dict):
   from gsae_jax.ot import sinkhorn, sinkhorn_divergence
 
-  backend = "multiscale" if method.endswith("multiscale") else "dense"
+  backend = "multiscale" if "multiscale" in method else "dense"
   if method.startswith("ours_fixed"):
     # tol below float32's reach: exactly --fixed_iters update pairs.
     kw = {"epsilon": a["blur"] ** 2, "tol": 1e-12, "max_iter": a["fixed_iters"]}
@@ -100,6 +102,7 @@ def _ours(method: str, a: dict):
     "tol": a["tol"] if method == "ours_tol" else None,
     "max_iter": a["max_iter"],
     "backend": backend,
+    "coarse": "accurate" if method.endswith("_accurate") else "fast",
   }
   return lambda x, y: sinkhorn_divergence(x, y, **kw)
 
@@ -188,7 +191,7 @@ def _skip(method: str, n: int, d: int, args) -> str | None:
     return f"skipped: 3 dense {n}×{n} float32 arrays exceed {args.dense_limit_gb:g} GB"
   if method in ("ours", "ours_fixed") and args.ours_max_n and n > args.ours_max_n:
     return f"skipped: dense above --ours_max_n {args.ours_max_n}"
-  if method.endswith("multiscale") and d > 3:
+  if "multiscale" in method and d > 3:
     return "skipped: the multiscale backend is for d <= 3"
   if method in ACCURATE and n > args.tol_max_n:
     return f"skipped: too slow here for n > --tol_max_n {args.tol_max_n}"

@@ -36,13 +36,14 @@ def test_flags_parse_into_the_config_and_the_step_config():
       "--learning_rate=0.01",
       "--b1=0.9",
       "--ot_backend=dense",
+      "--ot_coarse=accurate",
     ]
   )
   cfg = config_from_flags(ExperimentConfig, names, fv)
   assert (cfg.variant, cfg.lam, cfg.n_train, cfg.prior_self_term) == ("full_global", 0.5, 300, True)
   step = cfg.gsae()
   assert (step.lam, step.learning_rate, step.b1, step.b2) == (0.5, 0.01, 0.9, 0.999)
-  assert step.ot_backend == "dense" and step.prior_self_term
+  assert step.ot_backend == "dense" and step.ot_coarse == "accurate" and step.prior_self_term
 
 
 def test_skipped_fields_and_other_defaults():

@@ -1,6 +1,7 @@
 """Each GSAE variant's gradient against jax.grad of the straightforward, unchunked loss."""
 
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -148,6 +149,30 @@ def test_warm_started_step_matches_unchunked(setup, variant, prior_self_term):
   state = refresh(model, config, state, images, jax.random.key(5))
   assert bool(jnp.any(state.prior != prior0))  # redrawn: cold again
   check(state, None, jax.random.key(6))
+
+
+@pytest.mark.parametrize("coarse", ["fast", "accurate"])
+def test_the_step_solves_with_the_configured_engine(monkeypatch, coarse):
+  # The training step hands its OT settings to solve_divergence; `ot_coarse` defaults to
+  # "fast" there (the library's default is "accurate").
+  from gsae_jax.training import gsae
+
+  seen = {}
+
+  def spy(z, prior, **kwargs):
+    seen.update(kwargs)
+    return solve_divergence(z, prior, **kwargs)
+
+  monkeypatch.setattr(gsae, "solve_divergence", spy)
+  z = jnp.asarray(np.random.default_rng(0).normal(size=(50, 2)), jnp.float32)
+  config = GSAEConfig(ot_coarse=coarse, ot_backend="dense")
+  state = types.SimpleNamespace(potentials=jnp.zeros((4, 0)))  # what a cold step reads
+  value, _ = gsae._divergence(config, z, 0.5 * z, state)
+  assert seen["coarse"] == coarse and seen["backend"] == "dense" and seen["static_b"]
+  np.testing.assert_allclose(
+    value, sinkhorn_divergence(z, 0.5 * z, static_b=True), rtol=1e-6, atol=1e-7
+  )
+  assert GSAEConfig().ot_coarse == "fast"
 
 
 def test_warm_iters_needs_a_global_variant_and_a_kept_prior():

@@ -218,6 +218,7 @@ def test_resume_accepts_a_setting_added_later_at_its_default(tmp_path):
     ({"blur": -1.0}, "blur"),
     ({"blur": float("inf")}, "blur"),
     ({"scaling": 1.0}, "scaling"),
+    ({"ot_coarse": "fine"}, "ot_coarse"),
   ],
 )
 def test_bad_config_raises(kwargs, match):

@@ -32,7 +32,7 @@ import optax
 
 from gsae_jax import priors, regularizers
 from gsae_jax.models import Autoencoder
-from gsae_jax.ot import BACKENDS, resolve_backend, solve_divergence
+from gsae_jax.ot import BACKENDS, COARSE_GRIDS, resolve_backend, solve_divergence
 
 VARIANTS = ("local", "minibatch_global", "full_global")
 OT_BACKENDS = ("auto", *BACKENDS)
@@ -74,6 +74,10 @@ class GSAEConfig:
       (default: block-sparse ``"multiscale"`` for the global variants' 2-D clouds from
       2 500 points on, ``"dense"`` below: ``resolve_backend(..., repeated=True)``, since the
       step is compiled once), ``"dense"`` or ``"multiscale"``.
+    ot_coarse: the multiscale backend's coarse phase (``solve_divergence(coarse=...)``):
+      ``"fast"`` (default here, unlike the library's ``"accurate"``: a training step needs
+      the gradient, which both give close to dense, and ``"accurate"`` doubles the OT time at
+      n = 60 000) or ``"accurate"`` (an unbiased value; BUILD_NOTES.md, "Multiscale backend").
     ot_warm_iters: global variants with ``resample_freq > 1`` only. ``0`` (default): every
       step runs the cold annealed schedule, as the paper. ``k > 0``: a step that keeps the
       prior sample starts from the previous step's potentials (kept in :class:`TrainState`)
@@ -104,6 +108,7 @@ class GSAEConfig:
   b1: float = 0.5
   b2: float = 0.999
   ot_backend: str = "auto"
+  ot_coarse: str = "fast"
   ot_warm_iters: int = 0
   n_projections: int = 50
   sharp_iters: int = 100
@@ -145,6 +150,8 @@ class GSAEConfig:
         raise ValueError(f"`{name}` out of range: {value!r}.")
     if self.ot_backend not in OT_BACKENDS:
       raise ValueError(f"`ot_backend` must be one of {OT_BACKENDS}, got {self.ot_backend!r}.")
+    if self.ot_coarse not in COARSE_GRIDS:
+      raise ValueError(f"`ot_coarse` must be one of {COARSE_GRIDS}, got {self.ot_coarse!r}.")
     if int(self.ot_warm_iters) < 0:
       raise ValueError(f"`ot_warm_iters` must be >= 0, got {self.ot_warm_iters!r}.")
     if self.ot_warm_iters and self.regularizer != "sinkhorn":
@@ -259,6 +266,7 @@ def _solve(config: GSAEConfig, z, prior, init=None):
     ),
     init=init,
     warm_iters=max(1, config.ot_warm_iters),
+    coarse=config.ot_coarse,
   )
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from gsae_jax import checkpointing, metrics, plotting
 from gsae_jax.data import load_dataset
 from gsae_jax.models import ARCHS, latent_map_for_prior, make_autoencoder
+from gsae_jax.ot import COARSE_GRIDS
 from gsae_jax.regularizers import REGULARIZER_NAMES
 from gsae_jax.training.gsae import (
   OT_BACKENDS,
@@ -94,6 +95,11 @@ class ExperimentConfig:
   ot_backend: str = _setting(
     _G["ot_backend"], f"OT engine backend: {' | '.join(OT_BACKENDS)} (auto: by size).", True
   )
+  ot_coarse: str = _setting(
+    _G["ot_coarse"],
+    f"Multiscale coarse phase: {' | '.join(COARSE_GRIDS)} (fast: same gradients, biased value).",
+    True,
+  )
   ot_warm_iters: int = _setting(
     _G["ot_warm_iters"],
     "Global variants with resample_freq > 1: 0 = cold annealed OT every step (paper); k > 0 = "
@@ -132,9 +138,9 @@ class ExperimentConfig:
     )
 
 
-# Settings a resumed run may change: the schedule, logging and the OT backend (a speed choice;
-# every backend computes the same divergence, BUILD_NOTES "Multiscale").
-_RESUMABLE_CHANGES = ("epochs", "eval_every", "log_every_s", "ot_backend")
+# Settings a resumed run may change: the schedule, logging, the OT backend and its coarse phase
+# (speed choices; every backend computes the same divergence, BUILD_NOTES "Multiscale").
+_RESUMABLE_CHANGES = ("epochs", "eval_every", "log_every_s", "ot_backend", "ot_coarse")
 
 
 def config_differences(

@@ -143,11 +143,13 @@ def run_table(
 
 
 def _check_same_config(run_dir: pathlib.Path, cfg: ExperimentConfig) -> None:
-  """A finished run is only reused for the same settings (``log_every_s`` aside)."""
+  """A finished run is only reused for the same settings (logging and the OT engine's speed
+  choices aside)."""
   path = run_dir / "config.json"
   if not path.is_file():
     return
-  diff = config_differences(json.loads(path.read_text()), cfg, ignore=("log_every_s", "ot_backend"))
+  ignore = ("log_every_s", "ot_backend", "ot_coarse")
+  diff = config_differences(json.loads(path.read_text()), cfg, ignore=ignore)
   if diff:
     raise ValueError(
       f"{run_dir} holds a run with other settings {diff} (saved, asked); "
