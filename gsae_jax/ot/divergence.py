@@ -666,10 +666,10 @@ def solve_divergence(
       starts across steps"). Which entries are ``None`` is static.
     warm_iters: updates run from ``init`` when ``tol`` is ``None`` (static; default 5).
     coarse: ``multiscale`` coarse phase (static), one of :data:`COARSE_GRIDS`:
-      ``"accurate"`` (default; in 2-D at least 32 cells per ``√ε`` on a grid before moving
-      to a finer one: within 0.3 % of dense's value at n = 200 000, two samples of one
-      distribution) or ``"fast"`` (≈ 0.5–0.7× the time, a value bias of ≈ 1.7e-6 that does
-      not shrink with n, 5 % around isolated outliers; gradients close to dense).
+      ``"accurate"`` (default; it leaves a grid only at 32 cells per ``√ε`` in 2-D, 8 in 3-D:
+      within 0.3 % of dense's value at n = 200 000 between two samples of one distribution)
+      or ``"fast"`` (≈ 0.5–0.7× the time in 2-D, a value bias of ≈ 1.7e-6 that does not
+      shrink with n, 5–6 % around isolated outliers; gradients within a few percent).
 
   Returns:
     A :class:`~gsae_jax.ot.problem.DivergenceOutput`; its ``value`` is differentiable in

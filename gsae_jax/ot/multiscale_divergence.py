@@ -55,10 +55,11 @@ sg = jax.lax.stop_gradient
 # within 5 %; the 64² grid stops at eight cells: at one it moved the isolated-outlier case
 # 15 % from dense, at eight 5 %. The annealed value keeps a bias from each jump between grids
 # taken at J ≤ 16 (J = 8: ≈ 1e-6, n-independent; J = 32: none measurable), so "accurate" runs
-# the 256² grid from 32 cells of the 64² grid down (BUILD_NOTES.md, "Multiscale backend").
+# the 256² grid from 32 cells of the 64² grid down; in d = 3 its 16³ grid hands over to the
+# points at eight cells (four left the outlier case 6 % off; BUILD_NOTES.md, "Multiscale").
 _GRIDS = {
   "fast": {1: ((4096, 1.0),), 2: ((64, 8.0), (128, 1.0), (256, 1.0)), 3: ((16, 4.0),)},
-  "accurate": {1: ((4096, 1.0),), 2: ((64, 32.0), (256, 1.0)), 3: ((16, 4.0),)},
+  "accurate": {1: ((4096, 1.0),), 2: ((64, 32.0), (256, 1.0)), 3: ((16, 8.0),)},
 }
 # Cells per block of the coarse cloud.
 _CELL_BLOCK = 128

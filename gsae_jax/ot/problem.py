@@ -58,11 +58,12 @@ resolves to one of these before tracing; ``"dense"`` is the chunked exact path."
 
 COARSE_GRIDS = ("accurate", "fast")
 """Coarse phases of the ``multiscale`` divergence (:mod:`gsae_jax.ot.multiscale_divergence`).
-``"accurate"`` (the default) keeps ≥ 32 cells per ``√ε`` on a 2-D grid before moving to a
-finer one; ``"fast"`` moves earlier, at ≈ 0.5–0.7× the time (n = 60 000–200 000) and an
-annealed value off dense by ≈ 1.7e-6 absolute (a bias that does not shrink with n: 5.9 % of
-``S`` between two 200 000-point samples of one distribution) and 5 % around isolated
-outliers; its gradients stay close to dense (training uses it, ``GSAEConfig.ot_coarse``)."""
+``"accurate"`` (the default) moves from a grid to a finer one (2-D) or to the points (3-D)
+only once ``√ε`` is below 32 (2-D) or 8 (3-D) of its cells; ``"fast"`` moves earlier, at
+≈ 0.5–0.7× the time (2-D, n = 60 000–200 000), an annealed value off dense by ≈ 1.7e-6 (2-D;
+a bias that does not shrink with n: 5.9 % of ``S`` between two 200 000-point samples of one
+distribution) and by 5–6 % around isolated outliers, and gradients within a few percent of
+dense (training uses it, ``GSAEConfig.ot_coarse``)."""
 
 
 @_pytree(
