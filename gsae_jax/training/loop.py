@@ -97,7 +97,7 @@ class ExperimentConfig:
   )
   ot_coarse: str = _setting(
     _G["ot_coarse"],
-    f"Multiscale coarse phase: {' | '.join(COARSE_GRIDS)} (fast: same gradients, biased value).",
+    f"Multiscale coarse phase: {' | '.join(COARSE_GRIDS)} (fast: half the time, biased value).",
     True,
   )
   ot_warm_iters: int = _setting(
