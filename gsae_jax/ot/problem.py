@@ -57,13 +57,10 @@ BACKENDS = ("dense", "multiscale")
 resolves to one of these before tracing; ``"dense"`` is the chunked exact path."""
 
 COARSE_GRIDS = ("accurate", "fast")
-"""Coarse phases of the ``multiscale`` divergence (:mod:`gsae_jax.ot.multiscale_divergence`).
-``"accurate"`` (the default) moves from a grid to a finer one (2-D) or to the points (3-D)
-only once ``√ε`` is below 32 (2-D) or 8 (3-D) of its cells; ``"fast"`` moves earlier, at
-≈ 0.5–0.7× the time (2-D, n = 60 000–200 000), an annealed value off dense by ≈ 1.7e-6 (2-D;
-a bias that does not shrink with n: 5.9 % of ``S`` between two 200 000-point samples of one
-distribution) and by 5–6 % around isolated outliers, and gradients within a few percent of
-dense (training uses it, ``GSAEConfig.ot_coarse``)."""
+"""Coarse phases of the ``multiscale`` divergence (``solve_divergence(coarse=...)``, which
+says what each costs and gives): ``"accurate"`` (default) leaves a grid only once ``√ε`` is
+below 32 (2-D) or 8 (3-D) of its cells, ``"fast"`` earlier (training's default,
+``GSAEConfig.ot_coarse``)."""
 
 
 @_pytree(
