@@ -257,6 +257,12 @@ def mmd_squared(
 
 
 def _mmd(x, y, sigma2, scales, chunk_size, names) -> jax.Array:
+  scales, chunk_size, dtype = _check_mmd(x, y, sigma2, scales, chunk_size, names)
+  return _mmd_value(x.astype(dtype), y.astype(dtype), sigma2, scales, chunk_size)
+
+
+def _check_mmd(x, y, sigma2, scales, chunk_size, names):
+  """Checks of :func:`mmd_squared`'s inputs: ``(scales, chunk_size, working dtype)``."""
   if x.shape[1] != y.shape[1]:
     raise ValueError(
       f"`{names[0]}` and `{names[1]}` must have the same dimension, got {x.shape} and {y.shape}."
@@ -269,8 +275,7 @@ def _mmd(x, y, sigma2, scales, chunk_size, names) -> jax.Array:
   validation.check_scalar("sigma2", sigma2, low=0.0)
   scales = _check_scales(scales)
   chunk_size = validation.check_count("chunk_size", chunk_size, allow_none=True)
-  dtype = validation.working_dtype(x.dtype, y.dtype)
-  return _mmd_value(x.astype(dtype), y.astype(dtype), sigma2, scales, chunk_size)
+  return scales, chunk_size, validation.working_dtype(x.dtype, y.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("scales", "chunk_size"))
@@ -316,6 +321,86 @@ def mmd_regularizer(
   z = validation.check_cloud("z", z)
   p = validation.check_cloud("prior_sample", prior_sample)
   return _mmd(z, p, sigma2, scales, chunk_size, ("z", "prior_sample"))
+
+
+def mmd_squared_rows(
+  z: jax.Array,
+  rows: jax.Array,
+  y: jax.Array,
+  y_rows: jax.Array,
+  *,
+  sigma2: float | jax.Array = 1.0,
+  scales: Sequence[float] = WAE_IMQ_SCALES,
+  chunk_size: int | None = None,
+) -> jax.Array:
+  """:func:`mmd_squared` ``(z, y)`` through the rows ``z[rows]`` only, in ``O(M·(n + m))``.
+
+  The global WAE-MMD of the ``minibatch_global`` variant (GSAE paper §4.2): ``z`` is the whole
+  latent cache, of which only the batch rows ``z[rows]`` are live. With ``M = len(rows)``,
+  ``S = len(scales)`` (``k(x, x) = S``) and ``Σ_b`` over the rows, it returns
+
+  * value: the unbiased estimate of the full U-statistic from the rows,
+    ``(Σ_b Σ_j k(z_b, z_j) − M S)/(M(n−1)) + (Σ_a Σ_q k(y_a, y_q) − M S)/(M(m−1))
+    − 2 Σ_b Σ_q k(z_b, y_q)/(M m)`` with ``a`` over ``y_rows`` (the full value when the
+    rows are all of ``z`` and ``y``, and its mean over any partition into batches);
+  * gradient in ``z[rows]``: exactly that of the full :func:`mmd_squared`,
+    ``2/(n(n−1)) Σ_{j≠b} ∇₁k(z_b, z_j) − 2/(nm) Σ_q ∇₁k(z_b, y_q)``; every other row of ``z``
+    and all of ``y`` are constants (zero gradient), as the variant's stop-gradient cache is.
+
+  The full statistic costs ``n²`` kernel evaluations; this ``M·(n + 2m)``, 600× fewer at
+  n = m = 60 000 and M = 100.
+
+  Args:
+    z: ``[n, d]`` latents, y: ``[m, d]`` prior sample, ``n, m ≥ 2``.
+    rows: ``[M]`` distinct int indices into ``z`` (the live batch).
+    y_rows: ``[M']`` distinct int indices into ``y`` for the estimate of the prior's
+      self-term (any fixed rows of an i.i.d. sample).
+    sigma2, scales, chunk_size: as :func:`mmd_squared`.
+
+  Returns:
+    Scalar: the estimate's value with the full MMD²'s gradient in ``z[rows]``.
+  """
+  z = validation.check_cloud("z", z)
+  y = validation.check_cloud("y", y)
+  scales, chunk_size, dtype = _check_mmd(z, y, sigma2, scales, chunk_size, ("z", "y"))
+  for name, r in (("rows", rows), ("y_rows", y_rows)):
+    r = jnp.asarray(r)
+    if r.ndim != 1 or r.shape[0] == 0 or not jnp.issubdtype(r.dtype, jnp.integer):
+      raise ValueError(
+        f"`{name}` must be a non-empty [M] int index array, got {r.shape} {r.dtype}."
+      )
+  return _mmd_rows_value(
+    z.astype(dtype),
+    jnp.asarray(rows),
+    y.astype(dtype),
+    jnp.asarray(y_rows),
+    sigma2,
+    scales,
+    chunk_size,
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("scales", "chunk_size"))
+def _mmd_rows_value(z, rows, y, y_rows, sigma2, scales, chunk_size) -> jax.Array:
+  n, m, d = z.shape[0], y.shape[0], z.shape[1]
+  n_rows, n_y_rows = rows.shape[0], y_rows.shape[0]
+  centre = sg((jnp.sum(z, axis=0) + jnp.sum(y, axis=0)) / (n + m))  # as in _mmd_value
+  z_rows = z[rows] - centre
+  z, y = sg(z) - centre, sg(y) - centre
+  cs = [2.0 * d * jnp.asarray(sigma2, z.dtype) * s for s in scales]
+  s_zz = _imq_sum(z_rows, z, cs, chunk_size)  # live in z_rows; includes k(z_b, z_b) = S
+  s_zy = _imq_sum(z_rows, y, cs, chunk_size)
+  s_yy = _imq_sum(y[y_rows], y, cs, chunk_size)
+  diag = float(len(scales))
+  value = (
+    (sg(s_zz) - n_rows * diag) / float(n_rows * (n - 1))
+    + (s_yy - n_y_rows * diag) / float(n_y_rows * (m - 1))
+    - 2.0 * sg(s_zy) / float(n_rows * m)
+  )
+  # Each pair (b, j) is counted once here with z_j constant, hence the factor 2 of the
+  # symmetric full sum; ∇₁k(z_b, z_b) = 0, so the diagonal adds no gradient.
+  surrogate = 2.0 * s_zz / float(n * (n - 1)) - 2.0 * s_zy / float(n * m)
+  return value + surrogate - sg(surrogate)
 
 
 # ----------------------------------------------------------------------------- sliced

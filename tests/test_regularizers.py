@@ -106,6 +106,44 @@ def test_mmd_other_scales(x64):
   np.testing.assert_allclose(got, _numpy_mmd(x, y, 0.5, (0.3, 3.0)), rtol=1e-10)
 
 
+def test_mmd_rows_estimate_and_gradient(x64):
+  # mmd_squared_rows against the numpy U-statistic: the full value from all rows, the mean
+  # of its batch estimates over a partition (6 batches of 10 of z, 6 of 5 of y), and the full
+  # MMD²'s gradient in the batch rows (numpy central differences), zero elsewhere.
+  x, y = _clouds(2, n=60, m=30, d=2)
+  full = _numpy_mmd(x, y, 2.0, R.WAE_IMQ_SCALES)
+  rows_fn = functools.partial(R.mmd_squared_rows, sigma2=2.0, chunk_size=7)
+  np.testing.assert_allclose(rows_fn(x, np.arange(60), y, np.arange(30)), full, rtol=1e-10)
+  perm_x, perm_y = (
+    np.random.default_rng(3).permutation(60),
+    np.random.default_rng(4).permutation(30),
+  )
+  batches = [(perm_x[10 * i : 10 * i + 10], perm_y[5 * i : 5 * i + 5]) for i in range(6)]
+  estimates = [float(rows_fn(x, bx, y, by)) for bx, by in batches]
+  np.testing.assert_allclose(np.mean(estimates), full, rtol=1e-10)
+  assert np.std(estimates) > 1e-3 * abs(full)  # an estimate, not the full value each time
+
+  rows, y_rows = batches[0]
+  grad = jax.jit(jax.grad(lambda z: rows_fn(z, rows, y, y_rows)))(x)
+  assert np.all(grad[np.setdiff1d(np.arange(60), rows)] == 0.0)
+  h = 1e-6
+  for u in np.random.default_rng(5).normal(size=(2, 10, 2)):
+    step = np.zeros_like(x)
+    step[rows] = h * u
+    fd = (
+      _numpy_mmd(x + step, y, 2.0, R.WAE_IMQ_SCALES)
+      - _numpy_mmd(x - step, y, 2.0, R.WAE_IMQ_SCALES)
+    ) / (2 * h)
+    np.testing.assert_allclose(np.sum(grad[rows] * u), fd, rtol=1e-6, atol=1e-10)
+
+  with pytest.raises(ValueError, match="`rows` must be a non-empty"):
+    R.mmd_squared_rows(x, np.zeros((0,), int), y, y_rows)
+  with pytest.raises(ValueError, match="`y_rows` must be a non-empty"):
+    R.mmd_squared_rows(x, rows, y, np.zeros(3))
+  with pytest.raises(ValueError, match="same dimension"):
+    R.mmd_squared_rows(x, rows, y[:, :1], y_rows)
+
+
 # ----------------------------------------------------------------------------- sliced
 
 

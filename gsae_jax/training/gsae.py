@@ -54,7 +54,9 @@ class GSAEConfig:
       ``hungarian`` are dense and refuse large ``n`` at the first step). The OT settings
       below (``blur``, ``scaling``, ``ot_*``, ``prior_self_term``) are the Sinkhorn's; ``sharp``
       takes ``ε = blur²`` and ``sharp_iters``; ``sliced`` takes ``n_projections``; ``mmd``
-      takes ``mmd_sigma2``.
+      takes ``mmd_sigma2``; in ``minibatch_global`` it is
+      :func:`gsae_jax.regularizers.mmd_squared_rows` (the full MMD²'s gradient in the batch
+      rows from ``M·n`` kernel terms; the logged value is the batch's unbiased estimate).
     lam: weight λ of the regulariser; ``None`` (default) takes the paper's λ of the variant
       (:data:`DEFAULT_LAMBDA`, Sinkhorn only: another regulariser needs it set), resolved
       here and nowhere else.
@@ -361,6 +363,9 @@ def _minibatch_global_loss(model, config, params, state: TrainState, x, idx, pri
   z_b = model.encode(params["encoder"], x)
   d_val = jnp.mean((model.decode(params["decoder"], z_b) - x) ** 2)
   z = state.latents.at[idx].set(z_b)  # stop-gradient cache, live batch rows
+  if config.regularizer == "mmd":  # the gradient reaches only the batch rows: M·n, not n²
+    s_val = regularizers.mmd_squared_rows(z, idx, state.prior, idx, sigma2=config.mmd_sigma2)
+    return d_val + config.lam * s_val, (d_val, s_val, state.potentials)
   s_val, pots = _divergence(config, z, state.prior, state, prior_key)
   return d_val + config.lam * s_val, (d_val, s_val, pots)
 
