@@ -1,13 +1,5 @@
 """The benchmarks' one harness: inputs, timer, isolated runs, JSON and markdown output.
 
-* :func:`clouds` / :func:`sample`: input point clouds from :mod:`gsae_jax.priors`;
-* :func:`time_fn` → :class:`Timing`: compile time, first run, warm runs (median, min);
-* :func:`run_isolated`: ``module:function(**kwargs)`` in a fresh Python process, with a
-  timeout, returning its dict with a ``status`` and the process's peak RSS (VmHWM);
-* :func:`env_info`, :func:`table`, :func:`merge`, :func:`write`: the result files;
-* :func:`parse`, :func:`command`, :func:`seconds`, :func:`log`, :func:`rel_err`: the scripts'
-  shared bits.
-
 jax is imported inside the functions that use it: a child process that times GeomLoss must not
 carry jax's memory in its peak RSS.
 """
@@ -35,11 +27,8 @@ from typing import Any
 
 
 def sample(kind: str, key: Any, n: int, d: int = 2) -> Any:
-  """``[n, d]`` float32 points: a :data:`gsae_jax.priors.PRIOR_NAMES` name, or ``"gauss"``.
-
-  ``"gauss"`` is ``N(0.5, 1.5² I)``: a target off the origin and wider than the standard
-  normal, so that the transport between it and a centred cloud is not trivial.
-  """
+  """``[n, d]`` float32 points of a :data:`gsae_jax.priors.PRIOR_NAMES` prior, or ``"gauss"``:
+  ``N(0.5, 1.5² I)``, off the origin and wider than ``N(0, I)`` (a non-trivial transport)."""
   from gsae_jax import priors
 
   if kind == "gauss":
@@ -88,12 +77,8 @@ class Timing:
 
   def fields(self) -> dict[str, Any]:
     """The row fields every benchmark writes: ``compile_s … warm_runs_s``."""
-    return {
-      "compile_s": self.compile_s,
-      "first_run_s": self.first_run_s,
-      "warm_s": self.warm_s,
-      "warm_runs_s": self.warm_runs_s,
-    }
+    names = ("compile_s", "first_run_s", "warm_s", "warm_runs_s")
+    return {k: getattr(self, k) for k in names}
 
 
 def _block(tree: Any) -> Any:
@@ -104,25 +89,13 @@ def _block(tree: Any) -> Any:
 
 
 def time_fn(
-  fn: Callable[..., Any],
-  *args: Any,
-  repeats: int = 0,
-  budget_s: float = math.inf,
-  jit: bool = True,
+  fn: Callable[..., Any], *args: Any, repeats: int = 0, budget_s: float = math.inf, jit=True
 ) -> Timing:
-  """Times ``fn(*args)``, waiting for every result.
+  """Times ``fn(*args)``, waiting for every result; the :class:`Timing`'s result is the first's.
 
-  Args:
-    fn: the function to time.
-    *args: its arguments.
-    repeats: warm runs after the first.
-    budget_s: no further warm run once the last one would take the warm runs past this.
-    jit: compile ``jax.jit(fn)`` ahead of time for ``args`` (``compile_s``), so that the first
-      run does not include it; else call ``fn`` as it is (``compile_s`` is ``None`` and the
-      first run includes whatever compilation or warm-up ``fn`` does).
-
-  Returns:
-    A :class:`Timing`; its ``result`` is the first run's.
+  ``repeats`` warm runs follow the first, none once the last one would take them past
+  ``budget_s``. ``jit``: compile ``jax.jit(fn)`` ahead of time for ``args`` (``compile_s``);
+  else call ``fn`` as it is (``compile_s`` is ``None``, the first run includes any warm-up).
   """
   compile_s = compiled_hwm = None
   if jit:
@@ -172,23 +145,13 @@ def run_isolated(
   env: dict[str, str] | None = None,
   poll_s: float = 0.2,
 ) -> dict[str, Any]:
-  """Runs ``module:function(**kwargs)`` in a fresh Python process, for its own peak memory.
+  """Runs ``"module:function"(**kwargs)`` in a fresh Python process, for its own peak memory.
 
-  The function returns a JSON-able dict. Its output (stdout and stderr) is kept in a file, read
-  only for the error line of a failure.
-
-  Args:
-    target: ``"package.module:function"``.
-    kwargs: its keyword arguments, JSON-able.
-    timeout_s: kill the process after this many seconds; ``None``: no limit.
-    requires: modules that must be importable, else the run is skipped.
-    env: environment variables set for the process (e.g. ``OMP_NUM_THREADS``).
-    poll_s: how often the parent reads the process's VmHWM (the fallback peak on a timeout).
-
-  Returns:
-    ``{"status": "ok", **result}`` with ``peak_rss_mb`` (the process's VmHWM at exit, unless
-    the function set it), or ``{"status": "skipped: torch not installed"}``, or ``{"status":
-    "failed: <its last error line>" | "timeout after N s", "peak_rss_mb": <last VmHWM seen>}``.
+  The function returns a JSON-able dict; the result is ``{"status": "ok", **that}`` with
+  ``peak_rss_mb`` (the process's VmHWM at exit, unless the function set it), or ``{"status":
+  "skipped: <requires> not installed"}``, or ``{"status": "failed: <its last error line>" |
+  "timeout after N s", "peak_rss_mb": <last VmHWM seen, polled every poll_s>}``. ``env``:
+  variables set for the process (e.g. ``OMP_NUM_THREADS``).
   """
   missing = [m for m in requires if importlib.util.find_spec(m) is None]
   if missing:
@@ -243,13 +206,12 @@ def cell(v: Any, digits: int = 4) -> str:
   return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
 
 
-Column = tuple[str, str | Callable[[dict], Any]] | tuple[str, str | Callable[[dict], Any], str]
-"""A table column: its header, the row's key or a function of the row, and optionally a format
-spec for its values (``".6g"``; else :func:`cell`'s)."""
+def table(columns: Sequence[tuple], rows: Sequence[dict], digits: int = 4) -> str:
+  """A GitHub markdown table of ``rows``, one line each (missing keys read ``–``).
 
-
-def table(columns: Sequence[Column], rows: Sequence[dict], digits: int = 4) -> str:
-  """A GitHub markdown table of ``rows``, one line each (missing keys read ``–``)."""
+  A column is ``(header, key or function of the row)``, or with a third item, a format spec for
+  its values (``".6g"``; else :func:`cell`'s).
+  """
 
   def text(r: dict, g: str | Callable[[dict], Any], spec: str | None = None) -> str:
     v = g(r) if callable(g) else r.get(g)
@@ -263,8 +225,7 @@ def table(columns: Sequence[Column], rows: Sequence[dict], digits: int = 4) -> s
 def merge(old: dict, new: dict, key: Callable[[dict], Any]) -> dict:
   """``--append``: ``new``'s rows replace ``old``'s of equal ``key(row)``, sorted by the key.
 
-  The rest of the payload is ``new``'s, plus ``runs``: the ``env`` and ``args`` of every run
-  merged so far, oldest first.
+  The rest is ``new``'s, plus ``runs``: the ``env`` and ``args`` of every run merged so far.
   """
   fresh = {key(r) for r in new["rows"]}
   rows = sorted([r for r in old["rows"] if key(r) not in fresh] + new["rows"], key=key)
@@ -272,12 +233,13 @@ def merge(old: dict, new: dict, key: Callable[[dict], Any]) -> dict:
   return {**new, "rows": rows, "runs": [*runs, {"env": new["env"], "args": new["args"]}]}
 
 
-def write(out_dir: str | os.PathLike, name: str, payload: dict, markdown: str) -> Path:
-  """Writes ``name.json`` and ``name.md`` under ``out_dir``, prints the markdown.
+def load(path: str | os.PathLike) -> dict:
+  """A result JSON."""
+  return json.loads(Path(path).read_text())
 
-  Returns:
-    Path of the JSON file.
-  """
+
+def write(out_dir: str | os.PathLike, name: str, payload: dict, markdown: str) -> Path:
+  """Writes ``name.json`` and ``name.md`` under ``out_dir``, prints the markdown; the JSON path."""
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   path = out / f"{name}.json"
@@ -287,7 +249,28 @@ def write(out_dir: str | os.PathLike, name: str, payload: dict, markdown: str) -
   return path
 
 
+def save(out_dir: str, name: str, payload: dict, markdown: Callable[[dict], str]) -> dict:
+  """:func:`write` of ``payload`` and ``markdown(payload)``; returns ``payload``."""
+  write(out_dir, name, payload, markdown(payload))
+  return payload
+
+
 # ----------------------------------------------------------------------------- scripts
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+  """A script's argument parser, described by its docstring's first line."""
+  return argparse.ArgumentParser(description=doc.splitlines()[0])
+
+
+def flags(p: argparse.ArgumentParser, **defaults: Any) -> None:
+  """Adds ``--<name>`` for each ``name=default``, typed as the default (a list: one or more
+  values of its first item's type)."""
+  for name, default in defaults.items():
+    if isinstance(default, list):
+      p.add_argument(f"--{name}", type=type(default[0]), nargs="+", default=default)
+    else:
+      p.add_argument(f"--{name}", type=type(default), default=default)
 
 
 def parse(
@@ -298,6 +281,11 @@ def parse(
   if name:
     p.add_argument("--name", default=name, help="output file stem")
   return p.parse_args(argv)
+
+
+def floats(text: str) -> list[float]:
+  """A comma-separated list of numbers (a flag's type)."""
+  return [float(t) for t in text.split(",") if t.strip()]
 
 
 def command(module: str, argv: Sequence[str] | None) -> str:

@@ -1,23 +1,16 @@
 """Time and peak memory of a large Sinkhorn divergence with its gradient, on CPU, float32.
 
 For each size ``n`` (``m = n``, ``d = 2``): ``jax.jit(jax.value_and_grad(sinkhorn_divergence))``
-w.r.t. ``x`` (envelope gradient, ``blur=0.05``, ``scaling=0.7``) between ``x ~ N(0, I)`` (the
-latents) and a flower-prior sample ``y``. Each configuration runs in a fresh subprocess, so its
-peak RSS (VmHWM) is its own; a baseline subprocess that only imports jax and allocates the
-inputs gives the RSS the computation adds. The dense cost matrix that the chunked solver never
-forms would take ``n·m·4`` bytes.
-
-Run from the repository root::
+w.r.t. ``x`` (envelope gradient, ``blur=0.05``, ``scaling=0.7``) between ``x ~ N(0, I)`` and a
+flower-prior sample ``y``, in a fresh subprocess (its own peak RSS, VmHWM); a baseline
+subprocess that only imports jax and makes the inputs gives the RSS the computation adds.
 
   .venv/bin/python -m benchmarks.large_cloud                    # n = 10 000 and 40 000
   .venv/bin/python -m benchmarks.large_cloud --sizes 500 --repeats 1 --out /tmp/b
-
-Writes ``large_cloud.json`` and ``large_cloud.md`` under ``--out`` and prints the table.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 
 from benchmarks import harness
@@ -37,19 +30,11 @@ def measure(mode: str, n: int, blur: float, scaling: float, repeats: int, seed: 
     t = harness.time_fn(fn, x, y, repeats=repeats)
     value, grad = t.result
     diam = float(bounding_box_diameter(x, y))
-    out.update(
-      compile_s=t.compile_s,
-      rss_after_compile_mb=t.compiled_hwm_mb,
-      first_run_s=t.first_run_s,
-      warm_s=t.warm_s,
-      warm_runs_s=t.warm_runs_s,
-      value=float(value),
-      grad_norm=float(jnp.linalg.norm(grad)),
-      grad_finite=bool(jnp.all(jnp.isfinite(grad))),
-      diameter=diam,
-      schedule_steps=len(epsilon_schedule(diam, blur, scaling)),
-      repeats=repeats,
-    )
+    out |= {**t.fields(), "rss_after_compile_mb": t.compiled_hwm_mb, "value": float(value)}
+    out["grad_norm"] = float(jnp.linalg.norm(grad))
+    out["grad_finite"] = bool(jnp.isfinite(grad).all())
+    out |= {"diameter": diam, "schedule_steps": len(epsilon_schedule(diam, blur, scaling))}
+    out["repeats"] = repeats
   return out
 
 
@@ -94,30 +79,23 @@ def markdown(payload: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = harness.parser(__doc__)
   p.add_argument("--sizes", default="10000,40000", help="comma list of n (= m)")
-  p.add_argument("--blur", type=float, default=0.05)
-  p.add_argument("--scaling", type=float, default=0.7)
+  harness.flags(p, blur=0.05, scaling=0.7)
   p.add_argument("--repeats", type=int, default=2, help="warm runs after the first (median)")
-  p.add_argument("--seed", type=int, default=0)
+  harness.flags(p, seed=0)
   args = harness.parse(p, argv)
   env, rows = harness.env_info(), []
   for n in [int(s) for s in args.sizes.split(",") if s.strip()]:
     base, div = _isolated("baseline", n, args), _isolated("divergence", n, args)
-    rows.append(
-      {
-        **div,
-        "baseline_peak_rss_mb": base["peak_rss_mb"],
-        "net_rss_mb": div["peak_rss_mb"] - base["peak_rss_mb"],
-        "compile_plus_first_s": div["compile_s"] + div["first_run_s"],
-        "dense_cost_matrix_mb": n * n * 4 / 2**20,
-      }
-    )
+    row = {**div, "baseline_peak_rss_mb": base["peak_rss_mb"]}
+    row["net_rss_mb"] = div["peak_rss_mb"] - base["peak_rss_mb"]
+    row["compile_plus_first_s"] = div["compile_s"] + div["first_run_s"]
+    rows.append({**row, "dense_cost_matrix_mb": n * n * 4 / 2**20})
     harness.log(f"  {rows[-1]}")
   command = harness.command("large_cloud", argv)
   payload = {"command": command, "config": vars(args), "env": env, "rows": rows}
-  harness.write(args.out, "large_cloud", payload, markdown(payload))
-  return payload
+  return harness.save(args.out, "large_cloud", payload, markdown)
 
 
 if __name__ == "__main__":

@@ -6,21 +6,17 @@ Each ``--coarse`` setting of the backend (default: both) against the same dense 
 clouds, block size and settings are those of ``tests/test_ot_multiscale_divergence.py``
 (``make_case``: flower vs Gaussian, flower vs flower, weighted, far apart, isolated outliers;
 n = 1 500 vs 1 300, B = 32, annealed, blur 0.05, scaling 0.7, float32), so the table records
-the margins by which the tests pass (value within 1 %, gradient within 5 %). Writes
-``multiscale_accuracy.{json,md}`` into ``--out``.
+the margins by which the tests pass (value within 1 %, gradient within 5 %).
 """
 
 from __future__ import annotations
-
-import argparse
 
 from benchmarks import harness
 from gsae_jax.ot import COARSE_GRIDS
 
 
 def measure(dims, coarse=COARSE_GRIDS) -> list[dict]:
-  """One row per (case, d, coarse grids): dense value, relative value and gradient
-  differences, tiles."""
+  """One row per (case, d, coarse grids): dense value, value and gradient differences, tiles."""
   from tests.test_ot_multiscale_divergence import CASES, KW, _rel_l2, _value_and_grad, make_case
 
   rows = []
@@ -30,18 +26,11 @@ def measure(dims, coarse=COARSE_GRIDS) -> list[dict]:
       vd, gd, _ = _value_and_grad(x, y, a, b, backend="dense")
       for grids in coarse:
         vm, gm, out = _value_and_grad(x, y, a, b, backend="multiscale", coarse=grids, **KW)
-        rows.append(
-          {
-            "case": case,
-            "d": d,
-            "coarse": grids,
-            "dense_value": float(vd),
-            "value_rel_diff": harness.rel_err(vm, vd),
-            "grad_rel_l2_diff": _rel_l2(gm, gd),  # the tests' own measure
-            "kept_tile_fraction": float(out.kept_tile_fraction),
-            "dense_fallbacks": int(out.dense_fallbacks),
-          }
-        )
+        row = {"case": case, "d": d, "coarse": grids, "dense_value": float(vd)}
+        row["value_rel_diff"] = harness.rel_err(vm, vd)
+        row["grad_rel_l2_diff"] = _rel_l2(gm, gd)  # the tests' own measure
+        row["kept_tile_fraction"] = float(out.kept_tile_fraction)
+        rows.append({**row, "dense_fallbacks": int(out.dense_fallbacks)})
         harness.log(str(rows[-1]))
   return rows
 
@@ -70,14 +59,12 @@ def markdown(payload: dict) -> str:
 
 
 def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = harness.parser(__doc__)
   p.add_argument("--dims", type=int, nargs="+", default=[2, 3], choices=(2, 3))
   p.add_argument("--coarse", nargs="+", default=list(COARSE_GRIDS), choices=COARSE_GRIDS)
   args = harness.parse(p, argv, "multiscale_accuracy")
-  rows = measure(args.dims, args.coarse)
-  payload = {"env": harness.env_info(), "args": vars(args), "rows": rows}
-  harness.write(args.out, args.name, payload, markdown(payload))
-  return payload
+  payload = {"env": harness.env_info(), "args": vars(args), "rows": measure(args.dims, args.coarse)}
+  return harness.save(args.out, args.name, payload, markdown)
 
 
 if __name__ == "__main__":

@@ -1,31 +1,19 @@
 """Accuracy of the annealed Sinkhorn divergence, and warm starts of the fixed-ε solver.
 
-Part (a), annealed vs converged: on flower-vs-Gaussian and flower-vs-flower clouds, the
-divergence with the paper's annealed setting (``tol=None``: one symmetric update per ε of the
-schedule) is compared with the converged debiased divergence at ``ε = blur²``, value and
-``grad_x``. The converged reference is computed in float64 term by term,
-``OT_ε(α, β) − ½ OT_ε(α, α) − ½ OT_ε(β, β)``, each with the alternating solver
-:func:`gsae_jax.ot.sinkhorn` run to an L1 marginal violation below ``--ref_tol``; its gradient
-comes from a second, warm-started call (the envelope gradient at the converged potentials).
-This is the fixed point that ``sinkhorn_divergence(..., tol=...)`` iterates towards, at a
-fraction of its cost (the averaged symmetric update needs several times more iterations); a
-cross-check at ``--check_n`` points compares the two (``--check_n 0`` skips it).
+Part (a): on flower-vs-Gaussian and flower-vs-flower clouds, the divergence with the paper's
+annealed setting (``tol=None``: one symmetric update per ε) against the converged debiased
+divergence at ``ε = blur²`` (:func:`reference`), value and ``grad_x``; a cross-check at
+``--check_n`` points (0 skips it) compares the reference with ``sinkhorn_divergence(tol=...)``.
 
-Part (b), warm start: ``sinkhorn(..., tol)`` at fixed ε, cold; then the points ``x`` move by
-``δ·N(0, 1)`` and the problem is solved again from the previous potentials
-(``init=(f, g)``) and cold; the table gives the iterations and times, warm over cold.
-
-Run from the repository root::
+Part (b): ``sinkhorn(..., tol)`` at fixed ε, cold; then ``x`` moves by ``δ·N(0, 1)`` and the
+problem is solved again from the previous potentials (``init=(f, g)``) and cold.
 
   .venv/bin/python -m benchmarks.ot_accuracy                      # full size
   .venv/bin/python -m benchmarks.ot_accuracy --n 200 --warm_n 200 --check_n 100 --out /tmp/b
-
-Writes ``ot_accuracy.json`` and ``ot_accuracy.md`` under ``--out`` and prints the tables.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -41,15 +29,8 @@ CASES = {"flower_vs_gaussian": "standard_normal", "flower_vs_flower": "flower"}
 """Case name → the :func:`benchmarks.harness.sample` kind of ``y`` (``x`` is a flower sample)."""
 
 
-def _floats(text: str) -> list[float]:
-  return [float(t) for t in text.split(",") if t.strip()]
-
-
 def make_clouds(case: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """``n`` points of a flower sample and of ``case``'s ``y``, as float64 numpy arrays.
-
-  Sampled in float32, so both precisions see the same points.
-  """
+  """``n`` points of a flower sample and of ``case``'s ``y``, sampled in float32, as float64."""
   x, y = harness.clouds(n, 2, "flower", CASES[case], seed)
   return np.asarray(x, np.float64), np.asarray(y, np.float64)
 
@@ -64,11 +45,11 @@ def annealed(x, y, blur, scaling, dtype, repeats, **kwargs) -> dict:
 
 
 def reference(x, y, blur, tol, max_iter) -> dict:
-  """Converged float64 debiased divergence and its ``grad_x``, term by term (see module doc).
+  """Converged float64 debiased divergence and its ``grad_x``, term by term.
 
-  Solved twice: cold to ``10·tol``, then on from there to ``tol``; the change of the value
-  between the two bounds the reference's own error (generously: Sinkhorn's value converges
-  monotonically, and faster than its marginals).
+  ``OT_ε(x, y) − ½ OT_ε(x, x) − ½ OT_ε(y, y)``, each by the alternating :func:`sinkhorn`, cold
+  to ``10·tol``, then on to ``tol`` (the change of the value bounds the reference's own error,
+  generously); the gradient from a warm-started call (the envelope gradient at the potentials).
   """
   eps, names = blur**2, ("xy", "xx", "yy")
 
@@ -94,19 +75,15 @@ def reference(x, y, blur, tol, max_iter) -> dict:
 
     (value, grad_iters), grad = harness.time_fn(value_and_grad, x, y, potentials(outs)).result
     v, v10 = float(combine(outs)), float(combine(coarse.result))
+    pairs = list(zip(names, coarse.result, outs, strict=True))
     return {
       "value": v,
       "value_at_10tol": v10,
       "value_change_10tol_to_tol": abs(v - v10),
       "value_in_grad_call": float(value),
       "grad": np.asarray(grad),
-      "iterations": {
-        k: int(a.iterations) + int(b.iterations)
-        for k, a, b in zip(names, coarse.result, outs, strict=True)
-      },
-      "marginal_violation": {
-        k: float(o.marginal_violation) for k, o in zip(names, outs, strict=True)
-      },
+      "iterations": {k: int(a.iterations) + int(b.iterations) for k, a, b in pairs},
+      "marginal_violation": {k: float(b.marginal_violation) for k, _, b in pairs},
       "hit_max_iter": any(int(o.iterations) >= max_iter for o in (*coarse.result, *outs)),
       "extra_iterations_in_grad_call": [int(i) for i in grad_iters],
       "compile_s": coarse.compile_s + fine.compile_s,
@@ -146,29 +123,21 @@ def part_annealed(args) -> dict:
         f32 = annealed(x, y, blur, scaling, jnp.float32, args.repeats)
         with jax.enable_x64(True):
           f64 = annealed(x, y, blur, scaling, jnp.float64, args.repeats)
-        row = {
-          "case": case,
-          "blur": blur,
-          "scaling": scaling,
-          "diameter": diam,
-          "schedule_steps": len(epsilon_schedule(diam, blur, scaling)),
-          "annealed_f32": f32["value"],
-          "annealed_f64": f64["value"],
-          "converged": ref["value"],
-          "abs_diff_f32": abs(f32["value"] - ref["value"]),
-          "rel_diff_f32": harness.rel_err(f32["value"], ref["value"]),
-          "abs_diff_f64": abs(f64["value"] - ref["value"]),
-          "rel_diff_f64": harness.rel_err(f64["value"], ref["value"]),
-          "grad_rel_l2_f32": harness.rel_err(f32["grad"], ref["grad"]),
-          "grad_rel_l2_f64": harness.rel_err(f64["grad"], ref["grad"]),
-          "time_annealed_f32_warm_s": f32["warm_s"],
-          "time_annealed_f32_compile_s": f32["compile_s"],
-          "time_annealed_f64_warm_s": f64["warm_s"],
-          "time_converged_s": ref["run_s"],
-        }
+        steps = len(epsilon_schedule(diam, blur, scaling))
+        row = {"case": case, "blur": blur, "scaling": scaling, "diameter": diam}
+        row |= {"schedule_steps": steps, "annealed_f32": f32["value"], "annealed_f64": f64["value"]}
+        row["converged"] = ref["value"]
+        for tag, r in (("f32", f32), ("f64", f64)):
+          row[f"abs_diff_{tag}"] = abs(r["value"] - ref["value"])
+          row[f"rel_diff_{tag}"] = harness.rel_err(r["value"], ref["value"])
+        for tag, r in (("f32", f32), ("f64", f64)):
+          row[f"grad_rel_l2_{tag}"] = harness.rel_err(r["grad"], ref["grad"])
+        row["time_annealed_f32_warm_s"] = f32["warm_s"]
+        row["time_annealed_f32_compile_s"] = f32["compile_s"]
+        row |= {"time_annealed_f64_warm_s": f64["warm_s"], "time_converged_s": ref["run_s"]}
         rows.append(row)
         harness.log(
-          f"    scaling={scaling}: steps={row['schedule_steps']} annealed={f32['value']:.6g}"
+          f"    scaling={scaling}: steps={steps} annealed={f32['value']:.6g}"
           f" rel_diff={row['rel_diff_f32']:.3g} grad_rel={row['grad_rel_l2_f32']:.3g}"
         )
     if args.check_n:
@@ -179,20 +148,12 @@ def part_annealed(args) -> dict:
       kw = {"tol": args.ref_tol, "max_iter": args.check_max_iter}
       with jax.enable_x64(True):
         div = annealed(xc, yc, blur, 0.7, jnp.float64, 0, **kw)
-      checks.append(
-        {
-          "case": case,
-          "n": args.check_n,
-          "blur": blur,
-          "term_by_term": ref["value"],
-          "divergence_tol": div["value"],
-          "abs_diff": abs(ref["value"] - div["value"]),
-          "grad_rel_l2": harness.rel_err(div["grad"], ref["grad"]),
-          "time_term_by_term_s": ref["run_s"],
-          "time_divergence_tol_s": div["first_run_s"],
-        }
-      )
-      harness.log(f"    {checks[-1]}")
+      check = {"case": case, "n": args.check_n, "blur": blur, "term_by_term": ref["value"]}
+      check |= {"divergence_tol": div["value"], "abs_diff": abs(ref["value"] - div["value"])}
+      check["grad_rel_l2"] = harness.rel_err(div["grad"], ref["grad"])
+      check |= {"time_term_by_term_s": ref["run_s"], "time_divergence_tol_s": div["first_run_s"]}
+      checks.append(check)
+      harness.log(f"    {check}")
   return {"rows": rows, "references": refs, "cross_checks": checks}
 
 
@@ -215,44 +176,89 @@ def part_warm(args) -> dict:
       )
       compiled[max_iter] = jax.jit(fn).lower(*a).compile()
     t = harness.time_fn(compiled[max_iter], *a, repeats=args.repeats_warm - 1, jit=False)
-    return t.result, t.seconds
+    return t.result, int(t.result.iterations), t.seconds
 
   rows = []
   for eps in args.warm_eps:
     max_iter = args.warm_max_iter
     while True:
       harness.log(f"[b] eps={eps}: cold solve, max_iter={max_iter} ...")
-      cold, t_cold = solve(max_iter, x, eps, zeros, zeros)
-      if int(cold.iterations) < max_iter or max_iter >= args.warm_max_iter_cap:
+      cold, cold_iters, t_cold = solve(max_iter, x, eps, zeros, zeros)
+      if cold_iters < max_iter or max_iter >= args.warm_max_iter_cap:
         break
       max_iter = min(10 * max_iter, args.warm_max_iter_cap)
     for i, delta in enumerate(args.warm_deltas, 1):
       xp = x + delta * noise(i)
-      warm, t_warm = solve(max_iter, xp, eps, cold.f, cold.g)
-      cold_p, t_cold_p = solve(max_iter, xp, eps, zeros, zeros)
-      rows.append(
-        {
-          "epsilon": eps,
-          "delta": delta,
-          "max_iter": max_iter,
-          "raised_max_iter": max_iter != args.warm_max_iter,
-          "cold_iters": int(cold.iterations),
-          "cold_s": t_cold,
-          "cold_hit_max_iter": int(cold.iterations) >= max_iter,
-          "warm_iters": int(warm.iterations),
-          "warm_s": t_warm,
-          "cold_perturbed_iters": int(cold_p.iterations),
-          "cold_perturbed_s": t_cold_p,
-          "iters_warm_over_cold": int(warm.iterations) / max(int(cold_p.iterations), 1),
-          "time_warm_over_cold": t_warm / t_cold_p,
-          "reg_ot_warm": float(warm.reg_ot_cost),
-          "reg_ot_cold": float(cold_p.reg_ot_cost),
-          "viol_warm": float(warm.marginal_violation),
-          "viol_cold": float(cold_p.marginal_violation),
-        }
-      )
-      harness.log(f"    delta={delta}: {rows[-1]}")
+      warm, warm_iters, t_warm = solve(max_iter, xp, eps, cold.f, cold.g)
+      cold_p, cold_p_iters, t_cold_p = solve(max_iter, xp, eps, zeros, zeros)
+      row = {"epsilon": eps, "delta": delta, "max_iter": max_iter}
+      row["raised_max_iter"] = max_iter != args.warm_max_iter
+      row |= {"cold_iters": cold_iters, "cold_s": t_cold}
+      row["cold_hit_max_iter"] = cold_iters >= max_iter
+      row |= {"warm_iters": warm_iters, "warm_s": t_warm}
+      row |= {"cold_perturbed_iters": cold_p_iters, "cold_perturbed_s": t_cold_p}
+      row["iters_warm_over_cold"] = warm_iters / max(cold_p_iters, 1)
+      row["time_warm_over_cold"] = t_warm / t_cold_p
+      for tag, o in (("warm", warm), ("cold", cold_p)):
+        row[f"reg_ot_{tag}"] = float(o.reg_ot_cost)
+      for tag, o in (("warm", warm), ("cold", cold_p)):
+        row[f"viol_{tag}"] = float(o.marginal_violation)
+      rows.append(row)
+      harness.log(f"    delta={delta}: {row}")
   return {"rows": rows}
+
+
+ANNEALED_COLUMNS = [
+  ("case", "case"),
+  ("blur", "blur"),
+  ("scaling", "scaling"),
+  ("steps", "schedule_steps"),
+  ("annealed f32", "annealed_f32", ".6g"),
+  ("converged f64", "converged", ".6g"),
+  ("abs diff", "abs_diff_f32"),
+  ("rel diff f32", "rel_diff_f32"),
+  ("rel diff f64", "rel_diff_f64"),
+  ("grad rel f32", "grad_rel_l2_f32"),
+  ("grad rel f64", "grad_rel_l2_f64"),
+  ("t ann f32 (s)", "time_annealed_f32_warm_s"),
+  ("t ann f64 (s)", "time_annealed_f64_warm_s"),
+  ("t conv (s)", "time_converged_s"),
+]
+REFERENCE_COLUMNS = [
+  ("case", "case"),
+  ("blur", "blur"),
+  ("S converged", "value", ".8g"),
+  ("Δ vs 10·tol", "value_change_10tol_to_tol"),
+  *[(f"iters {k}", lambda r, k=k: r["iterations"][k]) for k in ("xy", "xx", "yy")],
+  ("max viol", lambda r: max(r["marginal_violation"].values())),
+  ("hit max_iter", "hit_max_iter"),
+  ("time (s)", "run_s"),
+]
+CHECK_COLUMNS = [
+  ("case", "case"),
+  ("n", "n"),
+  ("blur", "blur"),
+  ("term by term", "term_by_term", ".10g"),
+  ("divergence tol", "divergence_tol", ".10g"),
+  ("abs diff", "abs_diff"),
+  ("grad rel", "grad_rel_l2"),
+  ("t terms", "time_term_by_term_s"),
+  ("t div", "time_divergence_tol_s"),
+]
+WARM_COLUMNS = [
+  ("ε", "epsilon"),
+  ("δ", "delta"),
+  ("max_iter", "max_iter"),
+  ("cold iters", "cold_iters"),
+  ("cold (s)", "cold_s"),
+  ("warm iters", "warm_iters"),
+  ("warm (s)", "warm_s"),
+  ("cold pert. iters", "cold_perturbed_iters"),
+  ("cold pert. (s)", "cold_perturbed_s"),
+  ("iters warm/cold", "iters_warm_over_cold"),
+  ("time warm/cold", "time_warm_over_cold"),
+  ("|ΔOT| warm vs cold", lambda r: abs(r["reg_ot_warm"] - r["reg_ot_cold"])),
+]
 
 
 def markdown(payload: dict) -> str:
@@ -265,104 +271,47 @@ def markdown(payload: dict) -> str:
   ]
   if "annealed" in payload:
     a = payload["annealed"]
-    annealed_columns = [
-      ("case", "case"),
-      ("blur", "blur"),
-      ("scaling", "scaling"),
-      ("steps", "schedule_steps"),
-      ("annealed f32", "annealed_f32", ".6g"),
-      ("converged f64", "converged", ".6g"),
-      ("abs diff", "abs_diff_f32"),
-      ("rel diff f32", "rel_diff_f32"),
-      ("rel diff f64", "rel_diff_f64"),
-      ("grad rel f32", "grad_rel_l2_f32"),
-      ("grad rel f64", "grad_rel_l2_f64"),
-      ("t ann f32 (s)", "time_annealed_f32_warm_s"),
-      ("t ann f64 (s)", "time_annealed_f64_warm_s"),
-      ("t conv (s)", "time_converged_s"),
-    ]
-    reference_columns = [
-      ("case", "case"),
-      ("blur", "blur"),
-      ("S converged", "value", ".8g"),
-      ("Δ vs 10·tol", "value_change_10tol_to_tol"),
-      ("iters xy", lambda r: r["iterations"]["xy"]),
-      ("iters xx", lambda r: r["iterations"]["xx"]),
-      ("iters yy", lambda r: r["iterations"]["yy"]),
-      ("max viol", lambda r: max(r["marginal_violation"].values())),
-      ("hit max_iter", "hit_max_iter"),
-      ("time (s)", "run_s"),
-    ]
     out += [
       f"## (a) Annealed (`tol=None`) vs converged, n = m = {c['n']}",
-      "Converged: float64, term by term with `sinkhorn(tol="
-      f"{c['ref_tol']:g})`. Differences are |annealed − converged|; grad: ‖∇ₓ annealed − "
-      "∇ₓ converged‖ / ‖∇ₓ converged‖. Times: median warm run of `jit(value_and_grad)`; "
-      "t conv: run time of the three float64 solves (value only, compile excluded).",
-      harness.table(annealed_columns, a["rows"]),
+      f"Converged: float64, term by term with `sinkhorn(tol={c['ref_tol']:g})`. Differences are "
+      "|annealed − converged|; grad: ‖∇ₓ annealed − ∇ₓ converged‖ / ‖∇ₓ converged‖. Times: "
+      "median warm run of `jit(value_and_grad)`; t conv: run time of the three float64 solves "
+      "(value only, compile excluded).",
+      harness.table(ANNEALED_COLUMNS, a["rows"]),
       "Converged references (alternating Sinkhorn iterations per term, float64):",
-      harness.table(reference_columns, a["references"]),
+      harness.table(REFERENCE_COLUMNS, a["references"]),
     ]
     if a["cross_checks"]:
-      check_columns = [
-        ("case", "case"),
-        ("n", "n"),
-        ("blur", "blur"),
-        ("term by term", "term_by_term", ".10g"),
-        ("divergence tol", "divergence_tol", ".10g"),
-        ("abs diff", "abs_diff"),
-        ("grad rel", "grad_rel_l2"),
-        ("t terms", "time_term_by_term_s"),
-        ("t div", "time_divergence_tol_s"),
-      ]
       out += [
         "Cross-check: term-by-term reference vs `sinkhorn_divergence(tol="
         f"{c['ref_tol']:g}, max_iter={c['check_max_iter']})`, float64, scaling 0.7:",
-        harness.table(check_columns, a["cross_checks"]),
+        harness.table(CHECK_COLUMNS, a["cross_checks"]),
       ]
   if "warm" in payload:
-    warm_columns = [
-      ("ε", "epsilon"),
-      ("δ", "delta"),
-      ("max_iter", "max_iter"),
-      ("cold iters", "cold_iters"),
-      ("cold (s)", "cold_s"),
-      ("warm iters", "warm_iters"),
-      ("warm (s)", "warm_s"),
-      ("cold pert. iters", "cold_perturbed_iters"),
-      ("cold pert. (s)", "cold_perturbed_s"),
-      ("iters warm/cold", "iters_warm_over_cold"),
-      ("time warm/cold", "time_warm_over_cold"),
-      ("|ΔOT| warm vs cold", lambda r: abs(r["reg_ot_warm"] - r["reg_ot_cold"])),
-    ]
     out += [
       f"## (b) Warm start of `sinkhorn(tol={c['warm_tol']:g})`, n = m = {c['warm_n']}, float32",
       "Cold: from zero potentials. Then x += δ·N(0, 1): warm from the cold solution's (f, g), "
       "and cold again. Ratios are warm / cold on the perturbed problem.",
-      harness.table(warm_columns, payload["warm"]["rows"]),
+      harness.table(WARM_COLUMNS, payload["warm"]["rows"]),
     ]
   return "\n\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = harness.parser(__doc__)
   p.add_argument("--parts", default="annealed,warm", help="comma list of annealed, warm")
-  p.add_argument("--seed", type=int, default=0)
+  harness.flags(p, seed=0)
   p.add_argument("--n", type=int, default=3000, help="points per cloud in part (a)")
-  p.add_argument("--blurs", type=_floats, default=[0.05, 0.1])
-  p.add_argument("--scalings", type=_floats, default=[0.5, 0.7, 0.9])
+  p.add_argument("--blurs", type=harness.floats, default=[0.05, 0.1])
+  p.add_argument("--scalings", type=harness.floats, default=[0.5, 0.7, 0.9])
   p.add_argument("--repeats", type=int, default=3, help="warm repeats of the annealed runs")
-  p.add_argument("--ref_tol", type=float, default=1e-4)
-  p.add_argument("--ref_max_iter", type=int, default=200_000)
+  harness.flags(p, ref_tol=1e-4, ref_max_iter=200_000)
   p.add_argument("--ref_cache", default="", help="directory caching references (resumable)")
   p.add_argument("--check_n", type=int, default=500, help="cross-check size; 0 skips it")
-  p.add_argument("--check_max_iter", type=int, default=200_000)
-  p.add_argument("--warm_n", type=int, default=2000)
-  p.add_argument("--warm_eps", type=_floats, default=[0.01, 0.0025])
-  p.add_argument("--warm_deltas", type=_floats, default=[1e-2, 1e-3])
-  p.add_argument("--warm_tol", type=float, default=1e-3)
-  p.add_argument("--warm_max_iter", type=int, default=2000)
-  p.add_argument("--warm_max_iter_cap", type=int, default=20_000)
+  harness.flags(p, check_max_iter=200_000, warm_n=2000)
+  p.add_argument("--warm_eps", type=harness.floats, default=[0.01, 0.0025])
+  p.add_argument("--warm_deltas", type=harness.floats, default=[1e-2, 1e-3])
+  harness.flags(p, warm_tol=1e-3, warm_max_iter=2000, warm_max_iter_cap=20_000)
   p.add_argument("--repeats_warm", type=int, default=1, help="timed runs per warm-start solve")
   args = harness.parse(p, argv)
   parts = {s.strip() for s in args.parts.split(",")}
@@ -373,8 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
   if "warm" in parts:
     res["warm"] = part_warm(args)
   payload = {**payload, "total_s": time.perf_counter() - t0, **res}
-  harness.write(args.out, "ot_accuracy", payload, markdown(payload))
-  return payload
+  return harness.save(args.out, "ot_accuracy", payload, markdown)
 
 
 if __name__ == "__main__":

@@ -1,51 +1,33 @@
 """Our Sinkhorn divergence against ott-jax and GeomLoss: time, memory and error, same inputs.
 
-For each dimension ``d`` and size ``n = m``: ``x`` = a flower-prior sample (d = 2) or
-``N(0, I)`` (d = 10), ``y`` = ``N(0.5, 1.5² I)`` (or, ``--target flower``, a second flower
-sample), float32, drawn once by :func:`benchmarks.harness.clouds` and identical for every
-method. Every (method, d, n) runs in a fresh subprocess (its own peak RSS, VmHWM) and computes
+For each dimension ``d`` and size ``n = m``: ``x`` = a flower sample (d = 2) or ``N(0, I)``,
+``y`` = ``N(0.5, 1.5² I)`` (``--target flower``: a flower sample), float32, the same for every
+method; each (method, d, n) runs in a fresh subprocess (its own peak RSS, VmHWM) and computes
 the divergence and its gradient in ``x``:
 
-* ``ours``: :func:`gsae_jax.ot.sinkhorn_divergence` with ``backend="dense"`` (every pair),
-  GeomLoss's annealed schedule (the GSAE paper's setting, ``blur``, ``scaling``), no test;
-* ``ours_multiscale``: the same with ``backend="multiscale"`` (d ≤ 3 only);
-  ``ours_multiscale_accurate`` with its ``coarse="accurate"`` grids;
-* ``ours_tol``: the same, then iterations at ``ε = blur²`` to marginal violation ``--tol``;
-* ``ours_s0.9`` / ``ours_s0.99``: annealed only, at scaling 0.9 / 0.99 (GeomLoss's accuracy
-  knob: more, finer ε steps), to show the time/accuracy trade-off against ``ours_tol``;
-* ``ours_fixed`` / ``ours_fixed_multiscale``: another quantity, the fixed-ε solver
-  :func:`gsae_jax.ot.sinkhorn` (``backend="dense"`` / ``"multiscale"``) at ``ε = blur²`` from
-  zero potentials for exactly ``--fixed_iters`` update pairs, its ``reg_ot_cost`` ``OT_ε(x, y)``
-  and gradient: the two backends' cost per update at equal work (a cold start at this ``ε``
-  needs thousands of updates to converge, which is why the divergence anneals); compared with
-  each other, not with the reference;
-* ``ott_dense``: ott-jax ``sinkhorn_divergence`` (dense ``PointCloud``, ``ε_ott = 2 blur²``, its
-  cost and value are twice ours, halved here), ``threshold = --tol``;
-* ``ott_online``: the same with ``PointCloud(batch_size=...)``;
-* ``geomloss_tensorized`` / ``geomloss_online`` / ``geomloss_multiscale``: ``SamplesLoss(
-  "sinkhorn", p=2, blur, scaling)`` in torch float32 on the CPU, ``backend="tensorized"`` /
-  ``"online"`` / ``"multiscale"`` (the last two through KeOps; multiscale with GeomLoss's
-  default cluster scale and truncation, d ≤ 3).
+* ``ours``: :func:`gsae_jax.ot.sinkhorn_divergence`, dense, GeomLoss's annealed schedule (the
+  paper's setting, ``blur``, ``scaling``), no test; ``ours_multiscale[_accurate]``: the
+  multiscale backend (d ≤ 3, ``coarse="fast"`` / ``"accurate"``); ``ours_tol``: then on at
+  ``ε = blur²`` to marginal violation ``--tol``; ``ours_s0.9`` / ``ours_s0.99``: that scaling;
+* ``ours_fixed[_multiscale]``: ``OT_ε(x, y)`` of the fixed-ε :func:`gsae_jax.ot.sinkhorn` at
+  ``ε = blur²`` after exactly ``--fixed_iters`` update pairs from zero (cost per update at equal
+  work, the backends compared with each other, not with the reference);
+* ``ott_dense`` / ``ott_online``: ott-jax ``sinkhorn_divergence`` (``ε_ott = 2 blur²``, value
+  halved; ``online``: ``batch_size``), ``threshold = --tol``;
+* ``geomloss_tensorized`` / ``_online`` / ``_multiscale``: ``SamplesLoss("sinkhorn", p=2, blur,
+  scaling, backend)``, torch float32 on the CPU (the last two through KeOps).
 
-Errors are relative to a float64 reference: the three OT terms solved separately by our
-alternating fixed-ε :func:`gsae_jax.ot.sinkhorn` to marginal violation ``--ref_tol``
-(:func:`benchmarks.ot_accuracy.reference`), i.e. the converged divergence, so the annealed
-methods show how far their answer is from it. Time is
-the median of ``--repeats`` warm runs of value + gradient; compile (or first-run) time apart.
-Peers that cannot run (not installed, API failure, too large for memory) get a row saying why.
+Errors: against the converged float64 divergence (:func:`benchmarks.ot_accuracy.reference`, to
+``--ref_tol``). Time: median of ``--repeats`` warm runs of value + gradient, compile apart.
 
   python -m benchmarks.sinkhorn                                  # d = 2, 10; n = 1k … 60k
   python -m benchmarks.sinkhorn --sizes 200 --dims 2 --repeats 1 --out /tmp/b
-
-Writes ``sinkhorn.json`` and ``sinkhorn.md`` under ``--out``.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import itertools
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -54,20 +36,10 @@ import numpy as np
 
 from benchmarks import harness
 
-METHODS = (
-  "ours",
-  "ours_multiscale",
-  "ours_multiscale_accurate",
-  "ours_fixed",
-  "ours_fixed_multiscale",
-  "ours_tol",
-  "ours_s0.9",
-  "ours_s0.99",
-  "ott_dense",
-  "ott_online",
-  "geomloss_tensorized",
-  "geomloss_online",
-  "geomloss_multiscale",
+METHODS = tuple(
+  "ours ours_multiscale ours_multiscale_accurate ours_fixed ours_fixed_multiscale ours_tol "
+  "ours_s0.9 ours_s0.99 ott_dense ott_online geomloss_tensorized geomloss_online "
+  "geomloss_multiscale".split()
 )
 DENSE = {"ott_dense", "geomloss_tensorized"}
 # Run only for n <= --tol_max_n: converged solves and the slow, accurate annealing schedules.
@@ -95,7 +67,6 @@ def _ours(method: str, a: dict):
     # tol below float32's reach: exactly --fixed_iters update pairs.
     kw = {"epsilon": a["blur"] ** 2, "tol": 1e-12, "max_iter": a["fixed_iters"]}
     return lambda x, y: sinkhorn(x, y, backend=backend, **kw).reg_ot_cost
-
   kw = {
     "blur": a["blur"],
     "scaling": float(method[6:]) if method.startswith("ours_s0") else a["scaling"],
@@ -112,13 +83,11 @@ def _ott(method: str, a: dict, n: int):
   from ott.tools import sinkhorn_divergence as ott_sd
 
   kw = {"batch_size": min(1024, n)} if method == "ott_online" else {}
+  kw |= {"epsilon": 2 * a["blur"] ** 2}
   solve = {"threshold": a["tol"], "max_iterations": a["max_iter"]}
 
   def div(x, y):
-    eps = 2 * a["blur"] ** 2
-    value, _ = ott_sd.sinkhorn_divergence(
-      pointcloud.PointCloud, x, y, epsilon=eps, solve_kwargs=solve, **kw
-    )
+    value, _ = ott_sd.sinkhorn_divergence(pointcloud.PointCloud, x, y, solve_kwargs=solve, **kw)
     return 0.5 * value  # ott's cost is ‖x − y‖² = 2C
 
   return div
@@ -173,13 +142,8 @@ def measure(method: str, inputs: str, grad_path: str, a: dict) -> dict:
   value, grad = t.result
   grad = np.asarray(grad, np.float64)
   np.save(grad_path, grad)
-  return {
-    "value": float(value),
-    "grad_finite": bool(np.all(np.isfinite(grad))),
-    **t.fields(),
-    "vm_hwm_before_mb": hwm_before,
-    "vm_hwm_mb": harness.vm_hwm_mb(),
-  }
+  out = {"value": float(value), "grad_finite": bool(np.all(np.isfinite(grad))), **t.fields()}
+  return {**out, "vm_hwm_before_mb": hwm_before, "vm_hwm_mb": harness.vm_hwm_mb()}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -241,26 +205,25 @@ def run(args) -> dict:
         why = _skip(method, n, d, args)
         r, g = ({"status": why}, None) if why else _isolated(method, d, n, tmp, args)
         row.update(r)
-        if g is not None:
-          if ref_grad is not None and _base(method) == "ours":
-            row["value_rel_err"] = harness.rel_err(row["value"], ref_value)
-            row["grad_rel_err"] = harness.rel_err(g, ref_grad)
-          if method == _base(method):
-            bases[method] = row["value"], g
-          elif _base(method) in bases:
-            base_value, base_grad = bases[_base(method)]
-            row["value_rel_diff_ours"] = harness.rel_err(row["value"], base_value)
-            row["grad_rel_diff_ours"] = harness.rel_err(g, base_grad)
+        base = _base(method)
+        if g is not None and ref_grad is not None and base == "ours":
+          row["value_rel_err"] = harness.rel_err(row["value"], ref_value)
+          row["grad_rel_err"] = harness.rel_err(g, ref_grad)
+        if g is not None and method == base:
+          bases[method] = row["value"], g
+        elif g is not None and base in bases:
+          row["value_rel_diff_ours"] = harness.rel_err(row["value"], bases[base][0])
+          row["grad_rel_diff_ours"] = harness.rel_err(g, bases[base][1])
         rows.append(row)
         t, v = harness.seconds(row), row.get("value")
-        status = f"{row['status']}" + (f", {t:.3g} s, {v:.6g}" if t else "")
+        status = row["status"] + (f", {t:.3g} s, {v:.6g}" if t else "")
         harness.log(f"[d={d} n={n}] {method}: {status}")
   return {"env": env, "args": vars(args), "rows": rows}
 
 
 def markdown(payload: dict) -> str:
   """The result table: one row per (d, n, method), times as ratios to ``ours`` too."""
-  rows, time_s = payload["rows"], harness.seconds
+  rows, time_s, a = payload["rows"], harness.seconds, payload["args"]
   bases = {
     (r["d"], r["n"], r["method"]): time_s(r) for r in rows if r["method"] == _base(r["method"])
   }
@@ -284,59 +247,55 @@ def markdown(payload: dict) -> str:
     ("load", "load_avg_1m"),
     ("status", lambda r: r.get("status", "")),
   ]
-  a = payload["args"]
   refs = {(r["d"], r["n"]): (r.get("ref_value"), r.get("reference")) for r in rows}
-  ref_lines = "\n".join(
+  ref_lines = [
     f"- d = {d}, n = {n}: reference "
     + (f"S = {v:.8g} ({note})" if v is not None else f"{note or 'none'}")
     for (d, n), (v, note) in sorted(refs.items())
-  )
-  head = (
+  ]
+  fixed = any(r["method"].startswith("ours_fixed") for r in rows)
+  return (
     f"Sinkhorn divergence value + gradient in x, float32 inputs, blur {a['blur']}, scaling "
     f"{a['scaling']}; GeomLoss on {a.get('torch_threads', '?')} torch/OpenMP thread(s); "
     f"`ours_tol` and `ott_dense` run to marginal violation {a['tol']}. "
     + (
       f"`ours_fixed*`: OT_ε(x, y) at ε = blur² after {a['fixed_iters']} update pairs from "
       'zero potentials, "÷ ours" and "vs ours" against `ours_fixed`. '
-      if any(r["method"].startswith("ours_fixed") for r in rows)
+      if fixed
       else ""
     )
-    + f"Errors "
-    f'("rel. err") are against a float64 reference: the three OT terms solved separately by '
-    f"the alternating fixed-ε `gsae_jax.ot.sinkhorn` to marginal violation {a['ref_tol']} "
-    f'(`benchmarks.ot_accuracy.reference`); "vs ours" is the relative difference to `ours` '
-    f"in the same run (gradient: ‖g − g_ours‖/‖g_ours‖). Time: median of the warm runs "
-    f'("warm" = how many; 0 = the single first run after compilation). ΔRSS = peak RSS '
-    f"minus the process's peak after importing its framework and making the inputs. "
+    + 'Errors ("rel. err") are against a float64 reference: the three OT terms solved separately '
+    f"by the alternating fixed-ε `gsae_jax.ot.sinkhorn` to marginal violation {a['ref_tol']} "
+    '(`benchmarks.ot_accuracy.reference`); "vs ours" is the relative difference to `ours` '
+    "in the same run (gradient: ‖g − g_ours‖/‖g_ours‖). Time: median of the warm runs "
+    '("warm" = how many; 0 = the single first run after compilation). ΔRSS = peak RSS '
+    "minus the process's peak after importing its framework and making the inputs. "
     f"Load average (1 min) at the start of each row on {payload['env']['cpu_count']} CPUs.\n\n"
-    f"{ref_lines}\n\n"
+    + "\n".join(ref_lines)
+    + "\n\n"
+    + harness.table(columns, rows)
   )
-  return head + harness.table(columns, rows)
 
 
 def main(argv: list[str] | None = None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000, 60000])
-  p.add_argument("--dims", type=int, nargs="+", default=[2, 10])
+  p = harness.parser(__doc__)
+  harness.flags(p, sizes=[1000, 5000, 20000, 60000], dims=[2, 10])
   p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-  p.add_argument("--blur", type=float, default=0.05)
-  p.add_argument("--scaling", type=float, default=0.7)
+  harness.flags(p, blur=0.05, scaling=0.7)
   p.add_argument("--tol", type=float, default=1e-3, help="marginal tolerance of converged runs")
-  p.add_argument("--max_iter", type=int, default=10_000)
+  harness.flags(p, max_iter=10_000)
   p.add_argument("--fixed_iters", type=int, default=100, help="update pairs of ours_fixed*")
-  p.add_argument("--ref_tol", type=float, default=1e-5)
-  p.add_argument("--ref_max_iter", type=int, default=100_000)
+  harness.flags(p, ref_tol=1e-5, ref_max_iter=100_000)
   p.add_argument("--ref_max_n", type=int, default=1000, help="largest n given a reference")
   p.add_argument("--tol_max_n", type=int, default=1000, help="largest n for converged solves")
-  p.add_argument("--dense_limit_gb", type=float, default=16.0)
-  p.add_argument("--repeats", type=int, default=3)
+  harness.flags(p, dense_limit_gb=16.0, repeats=3)
   p.add_argument("--big_n", type=int, default=20000, help="from this n on, at most 1 repeat")
   p.add_argument("--repeat_budget_s", type=float, default=120.0, help="warm runs' total cap (s)")
   p.add_argument("--timeout_s", type=float, default=1800.0, help="per (method, d, n)")
   # All CPUs, like XLA: 2 threads ran GeomLoss 1.7-1.9x faster than 1 idle, 5.5x slower loaded.
   threads = os.cpu_count() or 1
   p.add_argument("--torch_threads", type=int, default=threads, help="torch/KeOps (OpenMP) threads")
-  p.add_argument("--seed", type=int, default=0)
+  harness.flags(p, seed=0)
   p.add_argument("--target", default="gauss", choices=("gauss", "flower"), help="y cloud")
   p.add_argument("--ours_max_n", type=int, default=None, help="largest n for dense `ours`")
   p.add_argument("--append", action="store_true", help="merge into <out>/<name>.json")
@@ -345,21 +304,18 @@ def main(argv: list[str] | None = None) -> dict:
   args = harness.parse(p, argv, "sinkhorn")
   if args.target == "flower" and set(args.dims) != {2}:
     p.error("--target flower needs d = 2")
-  load = lambda path: json.loads(Path(path).read_text())
   # Rows of the same (d, n, method) replace the old ones, in the order of METHODS.
   key = lambda r: (r["d"], r["n"], METHODS.index(r["method"]))
-  merge = lambda old, new: harness.merge(old, new, key)
   old = Path(args.out) / f"{args.name}.json"
   if args.render_only:
-    payload = load(old)
+    payload = harness.load(old)
     for extra in args.merge_from:
-      payload = merge(payload, load(extra))
+      payload = harness.merge(payload, harness.load(extra), key)
   else:
     payload = run(args)
     if args.append and old.exists():
-      payload = merge(load(old), payload)
-  harness.write(args.out, args.name, payload, markdown(payload))
-  return payload
+      payload = harness.merge(harness.load(old), payload, key)
+  return harness.save(args.out, args.name, payload, markdown)
 
 
 if __name__ == "__main__":

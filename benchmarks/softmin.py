@@ -8,13 +8,9 @@ the median of ``--repeats`` warm runs, and each softmin's fraction of the ``exp_
 
   python -m benchmarks.softmin                       # n = m ∈ {4096, 16384}, d = 2
   python -m benchmarks.softmin --sizes 512 --repeats 1 --out /tmp/b
-
-Writes ``softmin.json`` and ``softmin.md`` under ``--out``.
 """
 
 from __future__ import annotations
-
-import argparse
 
 import jax
 import jax.numpy as jnp
@@ -68,15 +64,12 @@ def markdown(payload: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384])
-  p.add_argument("--d", type=int, default=2)
+  p = harness.parser(__doc__)
+  harness.flags(p, sizes=[4096, 16384], d=2)
   p.add_argument("--exp_log2", type=int, default=26, help="exp benchmark over 2^k floats")
-  p.add_argument("--repeats", type=int, default=5)
+  harness.flags(p, repeats=5)
   args = harness.parse(p, argv)
-  payload = run(args)
-  harness.write(args.out, "softmin", payload, markdown(payload))
-  return payload
+  return harness.save(args.out, "softmin", run(args), markdown)
 
 
 if __name__ == "__main__":

@@ -4,43 +4,25 @@
 
 Each (variant, n) runs in a fresh subprocess so its peak RSS (VmHWM) is its own; the step is the
 jitted training step of :mod:`gsae_jax.training.gsae` on the MLP, batch 100, flower prior, blur
-0.05, scaling 0.7. Writes ``train_step.json`` and ``train_step.md`` into ``--out``.
+0.05, scaling 0.7.
 """
 
 from __future__ import annotations
 
-import argparse
-
 from benchmarks import harness
 
 VARIANTS = ("local", "minibatch_global", "full_global")
-
-
-CONFIG = (
-  "arch",
-  "blur",
-  "scaling",
-  "prior_self_term",
-  "ot_backend",
-  "ot_warm_iters",
-  "resample_freq",
-)
+CONFIG = "arch blur scaling prior_self_term ot_backend ot_warm_iters resample_freq".split()
 """The flags passed on to :class:`gsae_jax.training.loop.ExperimentConfig` (and into each row)."""
 
 
 def measure(variant: str, n: int, dataset: str, steps: int, pretrain: int = 0, **config) -> dict:
-  """Times ``steps`` warm steps of one variant in this process, then its parts apart.
+  """Times ``steps`` warm steps of one variant in this process, then (global variants) its parts.
 
-  ``config``: the :data:`CONFIG` settings. ``pretrain``: ``local`` steps (cheap: one batch
-  against a batch-size prior sample) that train the autoencoder before the timed steps start
-  from their parameters, so that the latents roughly fill the prior as during training: a
-  fresh encoder's latents are a small blob, whose transport to the prior keeps more tiles.
-  The parts (global variants; each jitted alone, median of 3 warm runs): ``encode_s`` (all
-  ``n`` images through the encoder), ``ot_s`` (value and gradient of the divergence between
-  the ``n`` latents and an ``n``-point prior sample, with the step's backend) and
-  ``encode_vjp_s`` (encoder forward plus the VJP of a latent cotangent into its parameters).
-  With ``ot_warm_iters``, ``ot_s`` times the warm-started solve (from the cold solve's
-  potentials, the prior's extended to a new sample) that every step after the first runs.
+  ``config``: the :data:`CONFIG` settings. ``pretrain``: ``local`` steps (one batch against a
+  batch-size prior sample) that train the autoencoder first, so that the latents roughly fill
+  the prior as during training (a fresh encoder's small blob keeps more tiles). The parts are
+  timed by :func:`_time_parts`.
   """
   import jax
   import jax.numpy as jnp
@@ -79,20 +61,19 @@ def measure(variant: str, n: int, dataset: str, steps: int, pretrain: int = 0, *
   t = harness.time_fn(next_step, repeats=steps, jit=False)
   per_step = sum(t.warm_runs_s) / steps
   peak_step = harness.vm_hwm_mb()  # before the parts, whose encoder VJP keeps all activations
-  return {
-    **(_time_parts(model, gsae, state, images) if variant != "local" else {}),
-    "n": n,  # the images the dataset had; the row's variant, dataset and config are main's
-    "compile_and_first_step_s": t.first_run_s,
-    "step_s": per_step,
-    "steps_per_s": 1 / per_step,
-    "peak_rss_mb": peak_step,
-    "peak_rss_with_parts_mb": harness.vm_hwm_mb(),
-    "rss_after_imports_mb": base,
-    "loss": float(t.result["loss"]),
-  }
+  parts = _time_parts(model, gsae, state, images) if variant != "local" else {}
+  # n: the images the dataset had; the row's variant, dataset and config are main's.
+  out = {**parts, "n": n, "compile_and_first_step_s": t.first_run_s, "step_s": per_step}
+  out |= {"steps_per_s": 1 / per_step, "peak_rss_mb": peak_step}
+  out |= {"peak_rss_with_parts_mb": harness.vm_hwm_mb(), "rss_after_imports_mb": base}
+  return {**out, "loss": float(t.result["loss"])}
 
 
 def _time_parts(model, config, state, images) -> dict:
+  """Each jitted alone, median of 3 warm runs: ``encode_s`` (all images through the encoder),
+  ``ot_s`` (value and gradient of the divergence between the latents and as many prior points,
+  with the step's backend; with ``ot_warm_iters`` the warm-started solve of every step after
+  the first) and ``encode_vjp_s`` (encoder forward plus the VJP of a latent cotangent)."""
   import jax
   import jax.numpy as jnp
 
@@ -104,7 +85,6 @@ def _time_parts(model, config, state, images) -> dict:
   t_encode = harness.time_fn(encode, enc, repeats=3)
   z = t_encode.result
   prior = harness.sample(config.prior, jax.random.key(2), z.shape[0], z.shape[1])
-
   kw = {"blur": config.blur, "scaling": config.scaling, "static_b": not config.prior_self_term}
   kw |= {"backend": config.ot_backend, "warm_iters": max(1, config.ot_warm_iters)}
 
@@ -121,18 +101,18 @@ def _time_parts(model, config, state, images) -> dict:
   (_, out), _ = t_ot.result
   w = jnp.ones_like(z)
   enc_vjp = lambda p: jax.vjp(lambda q: encode_all(model, q, images, 500), p)[1](w)
-  return {
-    "encode_s": t_encode.warm_s,
-    "ot_s": t_ot.warm_s,
-    "encode_vjp_s": harness.time_fn(enc_vjp, enc, repeats=3).warm_s,
-    "ot_backend_used": out.backend,
-    "ot_dense_fallbacks": int(out.dense_fallbacks),
-    "ot_kept_tile_fraction": float(out.kept_tile_fraction),
-  }
+  times = {"encode_s": t_encode.warm_s, "ot_s": t_ot.warm_s}
+  times["encode_vjp_s"] = harness.time_fn(enc_vjp, enc, repeats=3).warm_s
+  ot_out = {"ot_backend_used": out.backend, "ot_dense_fallbacks": int(out.dense_fallbacks)}
+  return {**times, **ot_out, "ot_kept_tile_fraction": float(out.kept_tile_fraction)}
+
+
+PARTS = ("OT backend", "encode (s)", "OT value+grad (s)", "encode+VJP (s)")
+"""Columns that runs from before ``--ot_backend`` (which did not time the parts) leave out."""
 
 
 def markdown(payload: dict) -> str:
-  """The table, then a line of the setting."""
+  """The table, then a line of the setting (of the flags the run had)."""
   a, rows = payload["args"], payload["rows"]
   columns = [
     ("variant", "variant"),
@@ -149,24 +129,26 @@ def markdown(payload: dict) -> str:
     ("peak RSS (MB)", "peak_rss_mb"),
     ("status", "status"),
   ]
-  note = (
-    f"load average at start {payload['env']['load_avg_1m_at_start']:.2f}; "
-    f"prior_self_term={a['prior_self_term']}; ot_warm_iters={a.get('ot_warm_iters', 0)}; "
-    f"resample_freq={a.get('resample_freq', 1)}; "
-    f"{a['steps']} timed steps after the first"
-    + (f", from the parameters of {a['pretrain']} `local` steps" if a.get("pretrain") else "")
+  if "ot_backend" not in a:
+    columns = [c for c in columns if c[0] not in PARTS]
+  settings = [
+    f"{k}={a[k]}" for k in ("prior_self_term", "ot_warm_iters", "resample_freq") if k in a
+  ]
+  note = "; ".join(
+    [f"load average at start {payload['env']['load_avg_1m_at_start']:.2f}", *settings]
   )
+  note += f"; {a['steps']} timed steps after the first"
+  if a.get("pretrain"):
+    note += f", from the parameters of {a['pretrain']} `local` steps"
   return harness.table(columns, rows) + "\n\n" + note + "\n"
 
 
 def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = harness.parser(__doc__)
   p.add_argument("--n", type=int, nargs="+", default=[4000])
   p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
   p.add_argument("--dataset", default="mnist5k", help="data source for n > 4000")
-  p.add_argument("--arch", default="mlp")
-  p.add_argument("--steps", type=int, default=5)
-  p.add_argument("--blur", type=float, default=0.05)
+  harness.flags(p, arch="mlp", steps=5, blur=0.05)
   p.add_argument("--scaling", type=float, default=0.7, help="--blur 2 --scaling 0.3: fast peak RSS")
   p.add_argument("--prior_self_term", action="store_true", help="also the prior's self-term of S")
   p.add_argument("--ot_backend", default="auto", choices=("auto", "dense", "multiscale"))
@@ -186,9 +168,7 @@ def main(argv=None) -> dict:
       rate, peak = row.get("steps_per_s"), row.get("peak_rss_mb") or float("nan")
       rate = f"{rate:.3f} steps/s, " if rate else ""
       harness.log(f"{v} n={n}: {row['status']}, {rate}peak RSS {peak:.0f} MB")
-  payload = {"env": env, "args": vars(args), "rows": rows}
-  harness.write(args.out, args.name, payload, markdown(payload))
-  return payload
+  return harness.save(args.out, args.name, {"env": env, "args": vars(args), "rows": rows}, markdown)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,15 @@
 """Warm-started potentials across training steps vs the cold annealed schedule (issue 13, part 3).
 
-A training run in miniature, without the encoder: the latent cloud ``x_t`` drifts a little
-per step (a slow rotation and dilation of a base cloud, about the size of an Adam step's move)
-and the ``n``-point flower prior sample is redrawn every step (the paper's ``resample_freq =
-1``) or kept. Each step computes the divergence (``static_b``, as training) and its gradient
-in ``x`` three ways: cold (the annealed schedule, what the paper runs), and warm chains that
-start each step from the previous step's potentials with ``warm_iters = k`` updates (the
-redrawn target's potential extended by one softmin). At the last step a converged reference
-(``tol``, started from the warm potentials) gives each method's value and gradient error.
+A training run in miniature, without the encoder: the latents ``x_t`` drift a little per step
+(a slow rotation and dilation, about an Adam step's move), the ``n``-point flower prior sample
+is redrawn every step or kept. Each step computes the divergence (``static_b``) and its gradient
+cold (the annealed schedule) and in warm chains from the previous step's potentials with
+``warm_iters = k`` updates; at the last step a converged reference gives each one's errors.
 
   python -m benchmarks.warm_start --n 60000 --steps 10 --warm_iters 2 5 --name warm_start_60k
-
-Writes ``benchmarks/results/<name>.{json,md}``.
 """
 
 from __future__ import annotations
-
-import argparse
 
 import jax
 import jax.numpy as jnp
@@ -103,26 +96,15 @@ def run_regime(args, regime: str, target: str) -> list[dict]:
   rows = []
   for m, k in methods.items():
     val, grad, out = last[m]
-    rows.append(
-      {
-        "regime": regime,
-        "target": target,
-        "method": m,
-        "warm_iters": k,
-        "median_s": float(np.median(times[m])) if times[m] else None,
-        "violation_last": viol[m][-1],
-        "violation_median": float(np.median(viol[m])),
-        "value_last": val,
-        "ref_value": float(ref_val),
-        "value_rel_err": harness.rel_err(val, ref_val),
-        "grad_rel_err": harness.rel_err(grad, ref_grad),
-        "ref_converged": bool(ref_out.converged),
-        "ref_updates": int(ref_out.iterations),
-        "ref_s": ref.first_run_s,
-        "kept_tile_fraction": float(out.kept_tile_fraction),
-        "dense_fallbacks": int(out.dense_fallbacks),
-      }
-    )
+    row = {"regime": regime, "target": target, "method": m, "warm_iters": k}
+    row["median_s"] = float(np.median(times[m])) if times[m] else None
+    row |= {"violation_last": viol[m][-1], "violation_median": float(np.median(viol[m]))}
+    row |= {"value_last": val, "ref_value": float(ref_val)}
+    row["value_rel_err"] = harness.rel_err(val, ref_val)
+    row["grad_rel_err"] = harness.rel_err(grad, ref_grad)
+    row |= {"ref_converged": bool(ref_out.converged), "ref_updates": int(ref_out.iterations)}
+    row |= {"ref_s": ref.first_run_s, "kept_tile_fraction": float(out.kept_tile_fraction)}
+    rows.append({**row, "dense_fallbacks": int(out.dense_fallbacks)})
   return rows
 
 
@@ -149,26 +131,19 @@ def markdown(payload: dict, command: str) -> str:
 
 
 def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--n", type=int, default=60000)
-  p.add_argument("--steps", type=int, default=10)
-  p.add_argument("--warm_iters", type=int, nargs="+", default=[2, 5])
+  p = harness.parser(__doc__)
+  harness.flags(p, n=60000, steps=10, warm_iters=[2, 5])
   p.add_argument("--regimes", nargs="+", default=["early", "late"], choices=["early", "late"])
   p.add_argument("--targets", nargs="+", default=["redrawn"], choices=["redrawn", "kept"])
   p.add_argument("--rate", type=float, default=0.002, help="drift per step (relative)")
-  p.add_argument("--blur", type=float, default=0.05)
-  p.add_argument("--scaling", type=float, default=0.7)
-  p.add_argument("--backend", default="multiscale")
-  p.add_argument("--ref_tol", type=float, default=1e-3)
-  p.add_argument("--ref_max_iter", type=int, default=2000)
-  p.add_argument("--seed", type=int, default=0)
+  harness.flags(p, blur=0.05, scaling=0.7, backend="multiscale", ref_tol=1e-3, ref_max_iter=2000)
+  harness.flags(p, seed=0)
   args = harness.parse(p, argv, "warm_start")
   env = harness.env_info()
   rows = [r for reg in args.regimes for tgt in args.targets for r in run_regime(args, reg, tgt)]
   payload = {"args": vars(args), "env": env, "rows": rows}
   command = harness.command("warm_start", argv)
-  harness.write(args.out, args.name, payload, markdown(payload, command))
-  return payload
+  return harness.save(args.out, args.name, payload, lambda p: markdown(p, command))
 
 
 if __name__ == "__main__":
