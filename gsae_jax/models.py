@@ -11,8 +11,10 @@ Two architectures, as in the GSAE paper (Csiszárik et al., 2024, §5) and fixed
 The encoder's output goes through a latent map that puts it where the prior lives (Sinkhorn
 AutoEncoders, Patrini et al. 2019, §6): "linear" (none; the default, as in the GSAE paper),
 "sphere" (L2-normalised onto the unit hypersphere), "simplex" (softmax onto the probability
-simplex, for Dirichlet priors) and "gaussian" (a VAE's Gaussian encoder: the last layer gives
-the mean and log-variance, `Autoencoder.encode_gaussian`; `encode` returns the mean).
+simplex, for Dirichlet priors), "gaussian" (a VAE's Gaussian encoder: the last layer gives
+the mean and log-variance, `Autoencoder.encode_gaussian`; `encode` returns the mean) and "vmf"
+(a hyperspherical VAE's von Mises–Fisher encoder: a unit mean direction and a concentration
+`κ = softplus(·) + 1`, `Autoencoder.encode_vmf`; `encode` returns the direction).
 
 Images are `[b, 28, 28, 1]` with pixels in [0, 1]; latents are `[b, z]`. Every Dense, Conv and
 ConvTranspose kernel is He-normal (fan-in, untruncated) and every bias is zero.
@@ -40,7 +42,7 @@ ARCHS = ("mlp", "lenet")
 HIDDEN = 256
 """Width of the MLP hidden layers."""
 
-LATENT_MAPS = ("linear", "sphere", "simplex", "gaussian")
+LATENT_MAPS = ("linear", "sphere", "simplex", "gaussian", "vmf")
 """Latent maps accepted by `make_autoencoder` (see the module docstring)."""
 
 Params = Any
@@ -96,10 +98,16 @@ def _latent_head(h: jax.Array, latent_dim: int, latent_map: str) -> jax.Array:
   """The encoder's last Dense layer and its latent map (module docstring)."""
   if latent_map not in LATENT_MAPS:
     raise ValueError(f"unknown latent_map {latent_map!r}; valid: {', '.join(LATENT_MAPS)}")
-  z = _dense(latent_dim * (2 if latent_map == "gaussian" else 1))(h)
-  if latent_map == "sphere":
+  width = {"gaussian": 2 * latent_dim, "vmf": latent_dim + 1}.get(latent_map, latent_dim)
+  z = _dense(width)(h)
+  if latent_map in ("sphere", "vmf"):
     # The floor only matters at z = 0, where the direction is undefined anyway.
-    return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+    direction = z[:, :latent_dim]
+    direction = direction / jnp.maximum(jnp.linalg.norm(direction, axis=-1, keepdims=True), 1e-12)
+    if latent_map == "sphere":
+      return direction
+    # κ ≥ 1 (the choice of Davidson et al.'s S-VAE code) keeps it off the uniform posterior.
+    return jnp.concatenate([direction, jax.nn.softplus(z[:, latent_dim:]) + 1.0], axis=-1)
   if latent_map == "simplex":
     return jax.nn.softmax(z, axis=-1)
   return z
@@ -109,7 +117,8 @@ class MLPEncoder(nn.Module):
   """MLP encoder 784 → 256 → 256 → 256 → latent_dim, ReLU, linear output.
 
   Call on `[b, 28, 28, 1]` images (flattened inside); returns `[b, latent_dim]` latents
-  through `latent_map` (`[b, 2 · latent_dim]` mean and log-variance for "gaussian").
+  through `latent_map` (`[b, 2 · latent_dim]` mean and log-variance for "gaussian",
+  `[b, latent_dim + 1]` direction and concentration for "vmf").
   """
 
   latent_dim: int
@@ -148,7 +157,7 @@ class LeNetEncoder(nn.Module):
   conv 6@5×5 same (28×28×6) → ReLU → maxpool 2 (14×14×6) → conv 16@5×5 valid (10×10×16) →
   ReLU → maxpool 2 (5×5×16) → flatten 400 → 120 → 84 → latent_dim, ReLU between the dense
   layers, then the latent map. Call on `[b, 28, 28, 1]`; returns `[b, latent_dim]`
-  (`[b, 2 · latent_dim]` for "gaussian").
+  (`[b, 2 · latent_dim]` for "gaussian", `[b, latent_dim + 1]` for "vmf").
   """
 
   latent_dim: int
@@ -228,7 +237,7 @@ class Autoencoder(NamedTuple):
     """Encodes `[b, 28, 28, 1]` images to `[b, latent_dim]` latents (the mean of a
     "gaussian" encoder)."""
     z = self.encoder.apply({"params": enc_params}, x)
-    return z[:, : self.latent_dim] if self.latent_map == "gaussian" else z
+    return z[:, : self.latent_dim] if self.latent_map in ("gaussian", "vmf") else z
 
   def encode_gaussian(self, enc_params: Params, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """A "gaussian" encoder's `([b, latent_dim] mean, [b, latent_dim] log-variance)`."""
@@ -236,6 +245,13 @@ class Autoencoder(NamedTuple):
       raise ValueError(f"encode_gaussian needs latent_map='gaussian', not {self.latent_map!r}")
     h = self.encoder.apply({"params": enc_params}, x)
     return h[:, : self.latent_dim], h[:, self.latent_dim :]
+
+  def encode_vmf(self, enc_params: Params, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A "vmf" encoder's `([b, latent_dim] unit mean direction, [b] concentration κ > 1)`."""
+    if self.latent_map != "vmf":
+      raise ValueError(f"encode_vmf needs latent_map='vmf', not {self.latent_map!r}")
+    h = self.encoder.apply({"params": enc_params}, x)
+    return h[:, : self.latent_dim], h[:, self.latent_dim]
 
   def decode(self, dec_params: Params, z: jax.Array) -> jax.Array:
     """Decodes `[b, latent_dim]` latents to `[b, 28, 28, 1]` images in (0, 1)."""

@@ -173,6 +173,19 @@ def test_latent_maps_normalise_the_linear_output(arch):
   with pytest.raises(ValueError, match="needs latent_map='gaussian'"):
     lin.encode_gaussian(params["encoder"], x)
 
+  # "vmf": one extra output, κ = softplus(raw) + 1, and the first 5 normalised (numpy).
+  vmf_model = models.make_autoencoder(arch, 5, "vmf")
+  vparams = vmf_model.init(KEY)
+  assert _count(vparams["encoder"]) == _count(params["encoder"]) + (last_width + 1)
+  raw = np.asarray(models.make_autoencoder(arch, 6).encode(vparams["encoder"], x), np.float64)
+  mu, kappa = vmf_model.encode_vmf(vparams["encoder"], x)
+  direction = raw[:, :5] / np.linalg.norm(raw[:, :5], axis=1, keepdims=True)
+  np.testing.assert_allclose(mu, direction, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(kappa, np.log1p(np.exp(raw[:, 5])) + 1.0, rtol=1e-5)
+  np.testing.assert_array_equal(vmf_model.encode(vparams["encoder"], x), mu)
+  with pytest.raises(ValueError, match="needs latent_map='vmf'"):
+    gauss.encode_vmf(gparams["encoder"], x)
+
 
 def test_latent_map_errors_and_prior_defaults():
   with pytest.raises(ValueError, match="unknown latent_map 'cube'.*sphere"):

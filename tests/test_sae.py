@@ -13,7 +13,7 @@ import pytest
 from scipy import stats
 from scipy.special import logsumexp
 
-from gsae_jax import classifier
+from gsae_jax import classifier, vmf
 from gsae_jax.data import Dataset
 from gsae_jax.training import sae
 
@@ -74,6 +74,33 @@ def test_models_follow_the_prior():
   assert sae.make_model(dirichlet).latent_map == "simplex"
   assert sae.make_model(dirichlet).latent_dim == 16
   assert sae.make_model(sae.SAEConfig(row="wae")).latent_map == "linear"
+  assert sae.make_model(sae.SAEConfig(row="hvae")).latent_map == "vmf"
+
+
+def test_hvae_loss_is_reconstruction_plus_the_vmf_kl():
+  # The HVAE row: summed squared error of the decoded vMF sample + β·KL(vMF ‖ uniform on S⁷),
+  # the KL from scipy's von Mises–Fisher entropy (float32 against float64).
+  config = sae.SAEConfig(row="hvae")
+  model = sae.make_model(config)
+  params = model.init(jax.random.key(0))
+  x = jnp.asarray(np.random.default_rng(0).uniform(size=(6, 28, 28, 1)), jnp.float32)
+  key = jax.random.key(1)
+  value, (d_val, r_val) = sae.make_loss(config, model)(params, x, key)
+  mu, kappa = (np.asarray(a, np.float64) for a in model.encode_vmf(params["encoder"], x))
+  np.testing.assert_allclose(np.linalg.norm(mu, axis=1), 1.0, rtol=1e-6)
+  assert np.all(kappa >= 1.0)
+  log_area = np.log(2.0) + 4 * np.log(np.pi) - np.log(6.0)  # |S⁷| = 2π⁴/Γ(4)
+  kl = [
+    log_area - stats.vonmises_fisher(m / np.linalg.norm(m), k).entropy()
+    for m, k in zip(mu, kappa, strict=True)
+  ]
+  # atol: float32 sums of terms of size ≈ 5 (log|S⁷| = 3.5, log I₃) for a KL of ≈ 0.1.
+  np.testing.assert_allclose(r_val, np.mean(kl), rtol=1e-5, atol=1e-5)
+  z = vmf.sample(key, jnp.asarray(mu, jnp.float32), jnp.asarray(kappa, jnp.float32))
+  recon = np.asarray(model.decode(params["decoder"], z), np.float64)
+  d_ref = np.mean(np.sum((recon - np.asarray(x)) ** 2, axis=(1, 2, 3)))
+  np.testing.assert_allclose(d_val, d_ref, rtol=1e-5)
+  np.testing.assert_allclose(value, d_ref + config.resolved_beta * np.mean(kl), rtol=1e-5)
 
 
 @pytest.mark.parametrize(
