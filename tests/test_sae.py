@@ -170,12 +170,15 @@ def test_run_table_refuses_empty_and_repeated(tmp_path):
 def test_report_tables_finished_runs_and_lists_failed_ones(tmp_path):
   ok = {"mmd_x100": 1.0, "reconstruction": 8.0, "fid_like": 20.0}
   ok2 = {"mmd_x100": 3.0, "reconstruction": 10.0, "fid_like": 30.0}
-  path = sae.write_report(tmp_path, {"wae": {0: ok, 1: ok2, 2: "FloatingPointError: nan"}})
+  path = sae.write_report(
+    tmp_path, {"wae": {0: ok, 1: ok2, 2: "FloatingPointError: nan"}}, reference=3.1415
+  )
   text = path.read_text()
   row = next(line for line in text.splitlines() if line.startswith("| wae "))
   # n = 2 finished seeds; mean ± sample std of (1, 3) = 2 ± √2.
   assert "| 2 | 2 ± 1.4 | 9 ± 1.4 | 25 ± 7.1 | 0.5 | 7.07 | 24.4 |" in row
   assert "wae seed 2: FloatingPointError: nan" in text
+  assert "FID-like of real training images against the test set: 3.14 (" in text
 
 
 @pytest.mark.slow
