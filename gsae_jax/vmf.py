@@ -9,11 +9,11 @@ sphere ``S^{m−1} ⊂ R^m`` and a concentration ``κ > 0``; the posterior is
 with ``I_ν`` the modified Bessel function of the first kind, and the prior is uniform on the
 sphere. Sampling is Wood's (1994) rejection sampler for ``w = μᵀz`` followed by a uniform
 direction orthogonal to ``μ``. The gradient in ``κ`` is the implicit reparametrisation
-gradient of ``w`` (Figurnov et al. 2018: ``∂w/∂κ`` at a fixed quantile, from ``w``'s CDF),
-exact where Davidson et al.'s pathwise term ``g_rep`` alone (through the accepted proposal
-with its Beta noise held fixed, without their score-function correction ``g_cor``) measured
-1.5–10 % off ``dE[w]/dκ`` at m = 8, κ = 1–30 (BUILD_NOTES.md). Everything is jittable with
-static shapes: each sample draws a fixed number of proposals and keeps the first accepted one.
+gradient of ``w`` (Figurnov et al. 2018: ``∂w/∂κ`` at a fixed quantile, from ``w``'s CDF):
+unbiased, where Davidson et al.'s pathwise term ``g_rep`` alone (through the accepted
+proposal, without their score-function correction ``g_cor``) is not (BUILD_NOTES.md).
+Everything is jittable with static shapes: each sample draws a fixed number of proposals and
+keeps the first accepted one.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import gammaln, logsumexp
 
-_N_HANKEL = 14  # terms of Hankel's expansion; at x ≥ max(15, ν²) the last is < 1e-12
+_N_HANKEL = 14  # terms of Hankel's expansion, used from x = max(15, ν²) on
 
 
 def _series_terms(nu: float) -> tuple[float, int]:
@@ -169,7 +169,7 @@ def sample(key: jax.Array, mu: jax.Array, kappa: jax.Array, n_proposals: int = 1
 
   Args:
     key: PRNG key.
-    mu: ``[b, m]`` unit mean directions.
+    mu: ``[b, m]`` unit mean directions, ``m ≥ 3``.
     kappa: ``[b]`` concentrations, > 0.
     n_proposals: proposals per row (static).
 
@@ -177,7 +177,10 @@ def sample(key: jax.Array, mu: jax.Array, kappa: jax.Array, n_proposals: int = 1
     ``[b, m]`` points on the unit sphere.
   """
   b, m = mu.shape
-  _check_dim(m)
+  if m < 3:  # the κ-gradient's integrand (1 − t²)^{(m−3)/2} is singular on the circle
+    raise ValueError(
+      f"`mu` must be [b, m] with m >= 3 (a sphere S^{{m-1}}, m-1 >= 2), got {mu.shape}."
+    )
   if kappa.shape != (b,):
     raise ValueError(f"`kappa` must have shape {(b,)} to match `mu` {mu.shape}, got {kappa.shape}.")
   k_eps, k_u, k_v = jax.random.split(key, 3)
@@ -196,7 +199,8 @@ def sample(key: jax.Array, mu: jax.Array, kappa: jax.Array, n_proposals: int = 1
   w = w[:, None]
   v = jax.random.normal(k_v, (b, m - 1), mu.dtype)
   v = v / jnp.linalg.norm(v, axis=1, keepdims=True)
-  z = jnp.concatenate([w, jnp.sqrt(jnp.clip(1 - w**2, 0.0)) * v], axis=1)
+  # The floor keeps the gradient finite where float32 rounds w to 1 (κ ≳ 1e5).
+  z = jnp.concatenate([w, jnp.sqrt(jnp.maximum(1 - w**2, 1e-12)) * v], axis=1)
   # Householder: reflect e_1 onto μ across the hyperplane normal to u = e_1 − μ.
   u = jnp.zeros_like(mu).at[:, 0].set(1.0) - mu
   u2 = jnp.sum(u * u, axis=1, keepdims=True)

@@ -125,5 +125,7 @@ def test_bad_inputs_are_named():
     vmf.log_iv(-1.0, 2.0)
   with pytest.raises(ValueError, match="ambient dimension `m`"):
     vmf.kl_to_uniform(jnp.ones(3), 1)
+  with pytest.raises(ValueError, match="m >= 3"):
+    vmf.sample(jax.random.key(0), jnp.eye(2), jnp.ones(2))
   with pytest.raises(ValueError, match="`kappa` must have shape"):
     vmf.sample(jax.random.key(0), jnp.eye(4), jnp.ones(3))
