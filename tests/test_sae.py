@@ -77,6 +77,7 @@ def test_models_follow_the_prior():
   assert sae.make_model(sae.SAEConfig(row="hvae")).latent_map == "vmf"
 
 
+@pytest.mark.slow  # compiles the MLP autoencoder
 def test_hvae_loss_is_reconstruction_plus_the_vmf_kl():
   # The HVAE row: summed squared error of the decoded vMF sample + β·KL(vMF ‖ uniform on S⁷),
   # the KL from scipy's von Mises–Fisher entropy (float32 against float64).
