@@ -1,4 +1,4 @@
-"""The benchmarks' one harness: inputs, timer, isolated runs, JSON and markdown output.
+"""The benchmarks' one harness: inputs, timer, isolated runs, flags, JSON and markdown output.
 
 jax is imported inside the functions that use it: a child process that times GeomLoss must not
 carry jax's memory in its peak RSS.
@@ -23,9 +23,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+
 # ----------------------------------------------------------------------------- inputs
-
-
 def sample(kind: str, key: Any, n: int, d: int = 2) -> Any:
   """``[n, d]`` float32 points of a :data:`gsae_jax.priors.PRIOR_NAMES` prior, or ``"gauss"``:
   ``N(0.5, 1.5² I)``, off the origin and wider than ``N(0, I)`` (a non-trivial transport)."""
@@ -36,9 +35,7 @@ def sample(kind: str, key: Any, n: int, d: int = 2) -> Any:
   return priors.get_prior(kind, dim=d)(key, n)
 
 
-def clouds(
-  n: int, d: int = 2, x: str = "flower", y: str = "standard_normal", seed: int = 0
-) -> tuple[Any, Any]:
+def clouds(n: int, d: int = 2, x="flower", y="standard_normal", seed: int = 0) -> tuple[Any, Any]:
   """``n`` points of each of :func:`sample` kinds ``x`` and ``y``, from two keys off ``seed``."""
   import jax
 
@@ -47,28 +44,21 @@ def clouds(
 
 
 # ----------------------------------------------------------------------------- timer
-
-
 @dataclasses.dataclass
 class Timing:
-  """One timed function: its result, compile time, first run and warm runs (seconds)."""
+  """One timed function: its result, compile time, first and warm runs (seconds), and the
+  process's peak RSS after compiling, before the first run (``jit=True`` only)."""
 
   result: Any
   compile_s: float | None
   first_run_s: float
   warm_runs_s: list[float]
   compiled_hwm_mb: float | None = None
-  """The process's peak RSS after compiling, before the first run (``jit=True`` only)."""
 
   @property
   def warm_s(self) -> float | None:
     """Median of the warm runs; ``None`` without any."""
     return statistics.median(self.warm_runs_s) if self.warm_runs_s else None
-
-  @property
-  def min_s(self) -> float:
-    """Fastest warm run, or the first run without any."""
-    return min(self.warm_runs_s, default=self.first_run_s)
 
   @property
   def seconds(self) -> float:
@@ -77,8 +67,7 @@ class Timing:
 
   def fields(self) -> dict[str, Any]:
     """The row fields every benchmark writes: ``compile_s … warm_runs_s``."""
-    names = ("compile_s", "first_run_s", "warm_s", "warm_runs_s")
-    return {k: getattr(self, k) for k in names}
+    return {k: getattr(self, k) for k in ("compile_s", "first_run_s", "warm_s", "warm_runs_s")}
 
 
 def _block(tree: Any) -> Any:
@@ -88,14 +77,10 @@ def _block(tree: Any) -> Any:
   return jax.block_until_ready(tree) if jax else tree
 
 
-def time_fn(
-  fn: Callable[..., Any], *args: Any, repeats: int = 0, budget_s: float = math.inf, jit=True
-) -> Timing:
-  """Times ``fn(*args)``, waiting for every result; the :class:`Timing`'s result is the first's.
-
-  ``repeats`` warm runs follow the first, none once the last one would take them past
-  ``budget_s``. ``jit``: compile ``jax.jit(fn)`` ahead of time for ``args`` (``compile_s``);
-  else call ``fn`` as it is (``compile_s`` is ``None``, the first run includes any warm-up).
+def time_fn(fn: Callable, *args: Any, repeats: int = 0, budget_s=math.inf, jit=True) -> Timing:
+  """Times ``fn(*args)`` and ``repeats`` warm runs (none once the next would pass ``budget_s``),
+  waiting for every result; the result is the first's. ``jit``: compile ``jax.jit(fn)`` for
+  ``args`` first (``compile_s``), else call ``fn`` as it is (the first run includes any warm-up).
   """
   compile_s = compiled_hwm = None
   if jit:
@@ -118,8 +103,6 @@ def time_fn(
 
 
 # ----------------------------------------------------------------------------- runner
-
-
 def vm_hwm_mb(pid: int | str = "self") -> float | None:
   """Peak resident set size (VmHWM) of a live process in MiB; ``None`` if unreadable."""
   try:
@@ -138,21 +121,12 @@ def _error_line(log: str) -> str:
 
 
 def run_isolated(
-  target: str,
-  kwargs: dict[str, Any],
-  timeout_s: float | None = None,
-  requires: Sequence[str] = (),
-  env: dict[str, str] | None = None,
-  poll_s: float = 0.2,
+  target: str, kwargs: dict, timeout_s: float | None = None, requires=(), env: dict | None = None
 ) -> dict[str, Any]:
-  """Runs ``"module:function"(**kwargs)`` in a fresh Python process, for its own peak memory.
-
-  The function returns a JSON-able dict; the result is ``{"status": "ok", **that}`` with
-  ``peak_rss_mb`` (the process's VmHWM at exit, unless the function set it), or ``{"status":
-  "skipped: <requires> not installed"}``, or ``{"status": "failed: <its last error line>" |
-  "timeout after N s", "peak_rss_mb": <last VmHWM seen, polled every poll_s>}``. ``env``:
-  variables set for the process (e.g. ``OMP_NUM_THREADS``).
-  """
+  """Runs ``"module:function"(**kwargs)`` in a fresh Python process (``env`` added), for its own
+  peak memory: ``{"status": "ok", **its dict}`` with ``peak_rss_mb`` (VmHWM at exit, unless set),
+  or a status ``"skipped: … not installed"``, ``"failed: <last error line>"`` or ``"timeout after
+  N s"`` (the last two with the last VmHWM seen, polled every 0.2 s)."""
   missing = [m for m in requires if importlib.util.find_spec(m) is None]
   if missing:
     return {"status": f"skipped: {', '.join(missing)} not installed"}
@@ -168,7 +142,7 @@ def run_isolated(
           proc.kill()
           proc.wait()
           return {"status": f"timeout after {timeout_s:g} s", "peak_rss_mb": peak}
-        time.sleep(poll_s)
+        time.sleep(0.2)
     if proc.returncode != 0:
       return {"status": f"failed: {_error_line(log.read_text())}", "peak_rss_mb": peak}
     return {"status": "ok", **json.loads(result.read_text())}
@@ -183,50 +157,50 @@ def _child(target: str, kwargs: str, result: str) -> None:
 
 
 # ----------------------------------------------------------------------------- output
-
-
 def env_info() -> dict[str, Any]:
   """Machine and library facts worth recording next to a timing."""
   import jax
 
-  return {
-    "jax": jax.__version__,
-    "backend": jax.default_backend(),
-    "cpu_count": os.cpu_count(),
-    "load_avg_1m_at_start": os.getloadavg()[0],
-    "python": platform.python_version(),
-    "machine": platform.machine(),
-  }
+  env = {"jax": jax.__version__, "backend": jax.default_backend(), "cpu_count": os.cpu_count()}
+  env["load_avg_1m_at_start"] = os.getloadavg()[0]
+  return env | {"python": platform.python_version(), "machine": platform.machine()}
 
 
 def cell(v: Any, digits: int = 4) -> str:
   """Table cell text: ``–`` for ``None``, floats in ``digits`` significant digits."""
-  if v is None:
-    return "–"
-  return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+  return "–" if v is None else f"{v:.{digits}g}" if isinstance(v, float) else str(v)
 
 
-def table(columns: Sequence[tuple], rows: Sequence[dict], digits: int = 4) -> str:
-  """A GitHub markdown table of ``rows``, one line each (missing keys read ``–``).
+def columns(specs: Sequence[tuple | str]) -> list[tuple]:
+  """Table columns: ``(header, key or function of the row)``, or with a third item, a format
+  spec for its values (``".6g"``; else :func:`cell`'s). A string stands for columns
+  ``"header=key:spec, …"``, ``=key`` left out where it is the header, ``:spec`` optional."""
 
-  A column is ``(header, key or function of the row)``, or with a third item, a format spec for
-  its values (``".6g"``; else :func:`cell`'s).
-  """
+  def parse(c: str) -> tuple:
+    c, _, spec = c.partition(":")
+    head, _, key = c.rpartition("=")
+    return head or key, key, spec
+
+  return [x for c in specs for x in (map(parse, c.split(", ")) if isinstance(c, str) else [c])]
+
+
+def table(specs: Sequence[tuple | str], rows: Sequence[dict], digits: int = 4) -> str:
+  """A GitHub markdown table of ``rows`` in :func:`columns` ``specs``, one line each (missing
+  keys read ``–``)."""
 
   def text(r: dict, g: str | Callable[[dict], Any], spec: str | None = None) -> str:
     v = g(r) if callable(g) else r.get(g)
-    return cell(v, digits) if spec is None or v is None else format(v, spec)
+    return cell(v, digits) if not spec or v is None else format(v, spec)
 
-  lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
-  lines += ["| " + " | ".join(text(r, *c[1:]) for c in columns) + " |" for r in rows]
+  cols = columns(specs)
+  lines = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * len(cols)]
+  lines += ["| " + " | ".join(text(r, *c[1:]) for c in cols) + " |" for r in rows]
   return "\n".join(lines)
 
 
 def merge(old: dict, new: dict, key: Callable[[dict], Any]) -> dict:
-  """``--append``: ``new``'s rows replace ``old``'s of equal ``key(row)``, sorted by the key.
-
-  The rest is ``new``'s, plus ``runs``: the ``env`` and ``args`` of every run merged so far.
-  """
+  """``--append``: ``new``'s rows replace ``old``'s of equal ``key(row)``, sorted by the key; the
+  rest is ``new``'s, plus ``runs``: the ``env`` and ``args`` of every run merged so far."""
   fresh = {key(r) for r in new["rows"]}
   rows = sorted([r for r in old["rows"] if key(r) not in fresh] + new["rows"], key=key)
   runs = old.get("runs", [{"env": old["env"], "args": old["args"]}])
@@ -238,44 +212,40 @@ def load(path: str | os.PathLike) -> dict:
   return json.loads(Path(path).read_text())
 
 
-def write(out_dir: str | os.PathLike, name: str, payload: dict, markdown: str) -> Path:
-  """Writes ``name.json`` and ``name.md`` under ``out_dir``, prints the markdown; the JSON path."""
-  out = Path(out_dir)
+def save(out_dir: str | os.PathLike, name: str, payload: dict, markdown: Callable) -> dict:
+  """Writes ``name.json`` and ``name.md`` (``markdown(payload)``, printed too) under ``out_dir``;
+  returns ``payload``."""
+  out, md = Path(out_dir), markdown(payload)
   out.mkdir(parents=True, exist_ok=True)
-  path = out / f"{name}.json"
-  path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
-  (out / f"{name}.md").write_text(markdown.rstrip() + "\n")
-  print(markdown)
-  return path
-
-
-def save(out_dir: str, name: str, payload: dict, markdown: Callable[[dict], str]) -> dict:
-  """:func:`write` of ``payload`` and ``markdown(payload)``; returns ``payload``."""
-  write(out_dir, name, payload, markdown(payload))
+  (out / f"{name}.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
+  (out / f"{name}.md").write_text(md.rstrip() + "\n")
+  print(md)
   return payload
 
 
 # ----------------------------------------------------------------------------- scripts
+def parser(doc: str, **specs: Any) -> argparse.ArgumentParser:
+  """A script's argument parser, described by its docstring's first line, with :func:`flags`."""
+  p = argparse.ArgumentParser(description=doc.splitlines()[0])
+  flags(p, **specs)
+  return p
 
 
-def parser(doc: str) -> argparse.ArgumentParser:
-  """A script's argument parser, described by its docstring's first line."""
-  return argparse.ArgumentParser(description=doc.splitlines()[0])
+def flags(p: argparse.ArgumentParser, **specs: Any) -> None:
+  """Adds ``--<name>`` for each ``name=default`` or ``name=(default, help[, choices])``, typed
+  as the default: a list takes one or more values of its first item's type (an empty list: any
+  number of strings), ``False`` makes a switch."""
+  for name, spec in specs.items():
+    default, doc, choices = (*spec, None)[:3] if isinstance(spec, tuple) else (spec, None, None)
+    kw = {"default": default, "help": doc, "choices": choices, "type": type(default)}
+    if default is False:
+      kw = {"action": "store_true", "help": doc}
+    elif isinstance(default, list):
+      kw |= {"nargs": "+" if default else "*", "type": type(default[0]) if default else None}
+    p.add_argument(f"--{name}", **kw)
 
 
-def flags(p: argparse.ArgumentParser, **defaults: Any) -> None:
-  """Adds ``--<name>`` for each ``name=default``, typed as the default (a list: one or more
-  values of its first item's type)."""
-  for name, default in defaults.items():
-    if isinstance(default, list):
-      p.add_argument(f"--{name}", type=type(default[0]), nargs="+", default=default)
-    else:
-      p.add_argument(f"--{name}", type=type(default), default=default)
-
-
-def parse(
-  p: argparse.ArgumentParser, argv: Sequence[str] | None, name: str | None = None
-) -> argparse.Namespace:
+def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None, name=None) -> argparse.Namespace:
   """Adds ``--out`` (and, given its default ``name``, ``--name``) to ``p``, parses ``argv``."""
   p.add_argument("--out", default="benchmarks/results", help="output directory")
   if name:
