@@ -1,11 +1,8 @@
 """Time and peak memory of a large Sinkhorn divergence with its gradient, on CPU, float32.
 
-For each size ``n`` (``m = n``, ``d = 2``): ``jax.jit(jax.value_and_grad(sinkhorn_divergence))``
-w.r.t. ``x`` (envelope gradient, ``blur=0.05``, ``scaling=0.7``) between ``x ~ N(0, I)`` and a
-flower-prior sample ``y``, in a fresh subprocess (its own peak RSS, VmHWM); a baseline
-subprocess that only imports jax and makes the inputs gives the RSS the computation adds.
+Per ``n`` (``m = n``, ``d = 2``, ``x ~ N(0, I)``, ``y`` flower): ``jit(value_and_grad)`` in a
+fresh subprocess (its own peak RSS), beside a baseline process that only makes the inputs.
 
-  .venv/bin/python -m benchmarks.large_cloud                    # n = 10 000 and 40 000
   .venv/bin/python -m benchmarks.large_cloud --sizes 500 --repeats 1 --out /tmp/b
 """
 
@@ -52,18 +49,11 @@ def markdown(payload: dict) -> str:
   """The table, under a header naming the command and the setting."""
   c, env = payload["config"], payload["env"]
   columns = [
-    ("n = m", "n"),
-    ("steps", "schedule_steps"),
-    ("compile (s)", "compile_s"),
-    ("first run (s)", "first_run_s"),
-    ("compile+first (s)", "compile_plus_first_s"),
-    ("warm median (s)", "warm_s"),
-    ("peak RSS (MB)", "peak_rss_mb", ".0f"),
-    ("after compile (MB)", "rss_after_compile_mb", ".0f"),
-    ("baseline RSS (MB)", "baseline_peak_rss_mb", ".0f"),
-    ("net (MB)", "net_rss_mb", ".0f"),
-    ("dense C (MB)", "dense_cost_matrix_mb", ".0f"),
-    ("value", "value", ".6g"),
+    "n = m=n, steps=schedule_steps, compile (s)=compile_s, first run (s)=first_run_s",
+    "compile+first (s)=compile_plus_first_s, warm median (s)=warm_s",
+    "peak RSS (MB)=peak_rss_mb:.0f",
+    "after compile (MB)=rss_after_compile_mb:.0f, baseline RSS (MB)=baseline_peak_rss_mb:.0f",
+    "net (MB)=net_rss_mb:.0f, dense C (MB)=dense_cost_matrix_mb:.0f, value:.6g",
   ]
   return (
     "# Large-cloud Sinkhorn divergence + gradient (CPU, float32, d = 2)\n\n"
@@ -79,11 +69,8 @@ def markdown(payload: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-  p = harness.parser(__doc__)
-  p.add_argument("--sizes", default="10000,40000", help="comma list of n (= m)")
-  harness.flags(p, blur=0.05, scaling=0.7)
-  p.add_argument("--repeats", type=int, default=2, help="warm runs after the first (median)")
-  harness.flags(p, seed=0)
+  p = harness.parser(__doc__, sizes=("10000,40000", "comma list of n (= m)"), blur=0.05)
+  harness.flags(p, scaling=0.7, repeats=(2, "warm runs after the first (median)"), seed=0)
   args = harness.parse(p, argv)
   env, rows = harness.env_info(), []
   for n in [int(s) for s in args.sizes.split(",") if s.strip()]:

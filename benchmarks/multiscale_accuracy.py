@@ -1,12 +1,9 @@
 """The multiscale backend against the dense path on the accuracy tests' clouds: the table.
 
-  python -m benchmarks.multiscale_accuracy --dims 2 3
+Each ``--coarse`` setting against the same dense solve, on the clouds and settings of
+``tests/test_ot_multiscale_divergence.py`` (``make_case``): the margins by which they pass.
 
-Each ``--coarse`` setting of the backend (default: both) against the same dense solve. The
-clouds, block size and settings are those of ``tests/test_ot_multiscale_divergence.py``
-(``make_case``: flower vs Gaussian, flower vs flower, weighted, far apart, isolated outliers;
-n = 1 500 vs 1 300, B = 32, annealed, blur 0.05, scaling 0.7, float32), so the table records
-the margins by which the tests pass (value within 1 %, gradient within 5 %).
+  python -m benchmarks.multiscale_accuracy --dims 2 3
 """
 
 from __future__ import annotations
@@ -38,14 +35,9 @@ def measure(dims, coarse=COARSE_GRIDS) -> list[dict]:
 def markdown(payload: dict) -> str:
   """The table under a title and the setting."""
   columns = [
-    ("clouds", "case"),
-    ("d", "d"),
-    ("coarse", "coarse"),
-    ("dense S", "dense_value"),
-    ("value rel. diff", "value_rel_diff"),
-    ("grad rel. L2 diff", "grad_rel_l2_diff"),
-    ("tiles kept", "kept_tile_fraction"),
-    ("dense fallbacks", "dense_fallbacks"),
+    "clouds=case, d, coarse, dense S=dense_value, value rel. diff=value_rel_diff",
+    "grad rel. L2 diff=grad_rel_l2_diff, tiles kept=kept_tile_fraction",
+    "dense fallbacks=dense_fallbacks",
   ]
   args = payload["args"]
   dims, coarse = (" ".join(map(str, args[k])) for k in ("dims", "coarse"))
@@ -59,9 +51,8 @@ def markdown(payload: dict) -> str:
 
 
 def main(argv=None) -> dict:
-  p = harness.parser(__doc__)
-  p.add_argument("--dims", type=int, nargs="+", default=[2, 3], choices=(2, 3))
-  p.add_argument("--coarse", nargs="+", default=list(COARSE_GRIDS), choices=COARSE_GRIDS)
+  p = harness.parser(__doc__, dims=([2, 3], None, (2, 3)))
+  harness.flags(p, coarse=([*COARSE_GRIDS], None, COARSE_GRIDS))
   args = harness.parse(p, argv, "multiscale_accuracy")
   payload = {"env": harness.env_info(), "args": vars(args), "rows": measure(args.dims, args.coarse)}
   return harness.save(args.out, args.name, payload, markdown)

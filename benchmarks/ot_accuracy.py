@@ -1,14 +1,10 @@
 """Accuracy of the annealed Sinkhorn divergence, and warm starts of the fixed-ε solver.
 
-Part (a): on flower-vs-Gaussian and flower-vs-flower clouds, the divergence with the paper's
-annealed setting (``tol=None``: one symmetric update per ε) against the converged debiased
-divergence at ``ε = blur²`` (:func:`reference`), value and ``grad_x``; a cross-check at
-``--check_n`` points (0 skips it) compares the reference with ``sinkhorn_divergence(tol=...)``.
+(a) The paper's annealed setting (``tol=None``) against the converged float64 divergence
+(:func:`reference`), value and ``grad_x``, on flower-vs-Gaussian and flower-vs-flower clouds;
+``--check_n`` (0: none) cross-checks the reference with ``sinkhorn_divergence(tol=...)``.
+(b) ``sinkhorn(..., tol)`` at fixed ε cold, then after ``x += δ·N(0, 1)`` warm and cold.
 
-Part (b): ``sinkhorn(..., tol)`` at fixed ε, cold; then ``x`` moves by ``δ·N(0, 1)`` and the
-problem is solved again from the previous potentials (``init=(f, g)``) and cold.
-
-  .venv/bin/python -m benchmarks.ot_accuracy                      # full size
   .venv/bin/python -m benchmarks.ot_accuracy --n 200 --warm_n 200 --check_n 100 --out /tmp/b
 """
 
@@ -45,12 +41,9 @@ def annealed(x, y, blur, scaling, dtype, repeats, **kwargs) -> dict:
 
 
 def reference(x, y, blur, tol, max_iter) -> dict:
-  """Converged float64 debiased divergence and its ``grad_x``, term by term.
-
-  ``OT_ε(x, y) − ½ OT_ε(x, x) − ½ OT_ε(y, y)``, each by the alternating :func:`sinkhorn`, cold
-  to ``10·tol``, then on to ``tol`` (the change of the value bounds the reference's own error,
-  generously); the gradient from a warm-started call (the envelope gradient at the potentials).
-  """
+  """Converged float64 ``OT_ε(x, y) − ½ OT_ε(x, x) − ½ OT_ε(y, y)`` and its ``grad_x``, each term
+  by the alternating :func:`sinkhorn` cold to ``10·tol`` then on to ``tol`` (the value's change
+  bounds its error); the gradient from a warm-started call (envelope, at the potentials)."""
   eps, names = blur**2, ("xy", "xx", "yy")
 
   def terms(x, y, tol_, inits=(None, None, None)):
@@ -76,19 +69,14 @@ def reference(x, y, blur, tol, max_iter) -> dict:
     (value, grad_iters), grad = harness.time_fn(value_and_grad, x, y, potentials(outs)).result
     v, v10 = float(combine(outs)), float(combine(coarse.result))
     pairs = list(zip(names, coarse.result, outs, strict=True))
-    return {
-      "value": v,
-      "value_at_10tol": v10,
-      "value_change_10tol_to_tol": abs(v - v10),
-      "value_in_grad_call": float(value),
-      "grad": np.asarray(grad),
-      "iterations": {k: int(a.iterations) + int(b.iterations) for k, a, b in pairs},
-      "marginal_violation": {k: float(b.marginal_violation) for k, _, b in pairs},
-      "hit_max_iter": any(int(o.iterations) >= max_iter for o in (*coarse.result, *outs)),
-      "extra_iterations_in_grad_call": [int(i) for i in grad_iters],
-      "compile_s": coarse.compile_s + fine.compile_s,
-      "run_s": coarse.first_run_s + fine.first_run_s,
-    }
+    t_run = coarse.first_run_s + fine.first_run_s
+    out = {"value": v, "value_at_10tol": v10, "value_change_10tol_to_tol": abs(v - v10)}
+    out |= {"value_in_grad_call": float(value), "grad": np.asarray(grad)}
+    out["iterations"] = {k: int(a.iterations) + int(b.iterations) for k, a, b in pairs}
+    out["marginal_violation"] = {k: float(b.marginal_violation) for k, _, b in pairs}
+    out["hit_max_iter"] = any(int(o.iterations) >= max_iter for o in (*coarse.result, *outs))
+    out["extra_iterations_in_grad_call"] = [int(i) for i in grad_iters]
+    return out | {"compile_s": coarse.compile_s + fine.compile_s, "run_s": t_run}
 
 
 def cached_reference(args, case, n, x, y, blur) -> dict:
@@ -101,7 +89,7 @@ def cached_reference(args, case, n, x, y, blur) -> dict:
     with np.load(path) as z:
       harness.log(f"    (reference from {path})")
       return {**json.loads(str(z["meta"])), "grad": z["grad"]}
-  ref = reference(x, y, blur, args.ref_tol, args.ref_max_iter)
+  ref = cached_reference(args, case, args.n, x, y, blur)
   path.parent.mkdir(parents=True, exist_ok=True)
   meta = json.dumps({k: v for k, v in ref.items() if k != "grad"})
   np.savez(path, grad=ref["grad"], meta=np.asarray(meta))
@@ -116,7 +104,7 @@ def part_annealed(args) -> dict:
     diam = float(bounding_box_diameter(jnp.asarray(x), jnp.asarray(y)))
     for blur in args.blurs:
       harness.log(f"[a] {case} blur={blur}: converged reference ...")
-      ref = cached_reference(args, case, args.n, x, y, blur)
+      ref = reference(x, y, blur, args.ref_tol, args.ref_max_iter)
       refs.append({"case": case, "blur": blur, **{k: v for k, v in ref.items() if k != "grad"}})
       harness.log(f"    S_ref={ref['value']:.8g} iterations={ref['iterations']}")
       for scaling in args.scalings:
@@ -126,14 +114,13 @@ def part_annealed(args) -> dict:
         steps = len(epsilon_schedule(diam, blur, scaling))
         row = {"case": case, "blur": blur, "scaling": scaling, "diameter": diam}
         row |= {"schedule_steps": steps, "annealed_f32": f32["value"], "annealed_f64": f64["value"]}
-        row["converged"] = ref["value"]
-        for tag, r in (("f32", f32), ("f64", f64)):
+        row["converged"], both = ref["value"], {"f32": f32, "f64": f64}
+        for tag, r in both.items():
           row[f"abs_diff_{tag}"] = abs(r["value"] - ref["value"])
           row[f"rel_diff_{tag}"] = harness.rel_err(r["value"], ref["value"])
-        for tag, r in (("f32", f32), ("f64", f64)):
+        for tag, r in both.items():
           row[f"grad_rel_l2_{tag}"] = harness.rel_err(r["grad"], ref["grad"])
-        row["time_annealed_f32_warm_s"] = f32["warm_s"]
-        row["time_annealed_f32_compile_s"] = f32["compile_s"]
+        row |= {f"time_annealed_f32_{k}": f32[k] for k in ("warm_s", "compile_s")}
         row |= {"time_annealed_f64_warm_s": f64["warm_s"], "time_converged_s": ref["run_s"]}
         rows.append(row)
         harness.log(
@@ -171,9 +158,8 @@ def part_warm(args) -> dict:
   def solve(max_iter, xx, eps, f0, g0):
     a = (xx, y, jnp.float32(eps), f0, g0)
     if max_iter not in compiled:
-      fn = lambda x, y, e, f, g: sinkhorn(
-        x, y, epsilon=e, tol=args.warm_tol, max_iter=max_iter, init=(f, g)
-      )
+      kw = {"tol": args.warm_tol, "max_iter": max_iter}
+      fn = lambda x, y, e, f, g: sinkhorn(x, y, epsilon=e, init=(f, g), **kw)
       compiled[max_iter] = jax.jit(fn).lower(*a).compile()
     t = harness.time_fn(compiled[max_iter], *a, repeats=args.repeats_warm - 1, jit=False)
     return t.result, int(t.result.iterations), t.seconds
@@ -192,71 +178,42 @@ def part_warm(args) -> dict:
       warm, warm_iters, t_warm = solve(max_iter, xp, eps, cold.f, cold.g)
       cold_p, cold_p_iters, t_cold_p = solve(max_iter, xp, eps, zeros, zeros)
       row = {"epsilon": eps, "delta": delta, "max_iter": max_iter}
-      row["raised_max_iter"] = max_iter != args.warm_max_iter
-      row |= {"cold_iters": cold_iters, "cold_s": t_cold}
-      row["cold_hit_max_iter"] = cold_iters >= max_iter
+      row |= {"raised_max_iter": max_iter != args.warm_max_iter, "cold_iters": cold_iters}
+      row |= {"cold_s": t_cold, "cold_hit_max_iter": cold_iters >= max_iter}
       row |= {"warm_iters": warm_iters, "warm_s": t_warm}
       row |= {"cold_perturbed_iters": cold_p_iters, "cold_perturbed_s": t_cold_p}
       row["iters_warm_over_cold"] = warm_iters / max(cold_p_iters, 1)
       row["time_warm_over_cold"] = t_warm / t_cold_p
-      for tag, o in (("warm", warm), ("cold", cold_p)):
-        row[f"reg_ot_{tag}"] = float(o.reg_ot_cost)
-      for tag, o in (("warm", warm), ("cold", cold_p)):
-        row[f"viol_{tag}"] = float(o.marginal_violation)
+      pair = (("warm", warm), ("cold", cold_p))
+      row |= {f"reg_ot_{tag}": float(o.reg_ot_cost) for tag, o in pair}
+      row |= {f"viol_{tag}": float(o.marginal_violation) for tag, o in pair}
       rows.append(row)
       harness.log(f"    delta={delta}: {row}")
   return {"rows": rows}
 
 
 ANNEALED_COLUMNS = [
-  ("case", "case"),
-  ("blur", "blur"),
-  ("scaling", "scaling"),
-  ("steps", "schedule_steps"),
-  ("annealed f32", "annealed_f32", ".6g"),
-  ("converged f64", "converged", ".6g"),
-  ("abs diff", "abs_diff_f32"),
-  ("rel diff f32", "rel_diff_f32"),
-  ("rel diff f64", "rel_diff_f64"),
-  ("grad rel f32", "grad_rel_l2_f32"),
-  ("grad rel f64", "grad_rel_l2_f64"),
-  ("t ann f32 (s)", "time_annealed_f32_warm_s"),
-  ("t ann f64 (s)", "time_annealed_f64_warm_s"),
-  ("t conv (s)", "time_converged_s"),
+  "case, blur, scaling, steps=schedule_steps, annealed f32=annealed_f32:.6g",
+  "converged f64=converged:.6g, abs diff=abs_diff_f32, rel diff f32=rel_diff_f32",
+  "rel diff f64=rel_diff_f64, grad rel f32=grad_rel_l2_f32, grad rel f64=grad_rel_l2_f64",
+  "t ann f32 (s)=time_annealed_f32_warm_s, t ann f64 (s)=time_annealed_f64_warm_s",
+  "t conv (s)=time_converged_s",
 ]
 REFERENCE_COLUMNS = [
-  ("case", "case"),
-  ("blur", "blur"),
-  ("S converged", "value", ".8g"),
-  ("Δ vs 10·tol", "value_change_10tol_to_tol"),
+  "case, blur, S converged=value:.8g, Δ vs 10·tol=value_change_10tol_to_tol",
   *[(f"iters {k}", lambda r, k=k: r["iterations"][k]) for k in ("xy", "xx", "yy")],
   ("max viol", lambda r: max(r["marginal_violation"].values())),
-  ("hit max_iter", "hit_max_iter"),
-  ("time (s)", "run_s"),
+  "hit max_iter=hit_max_iter, time (s)=run_s",
 ]
 CHECK_COLUMNS = [
-  ("case", "case"),
-  ("n", "n"),
-  ("blur", "blur"),
-  ("term by term", "term_by_term", ".10g"),
-  ("divergence tol", "divergence_tol", ".10g"),
-  ("abs diff", "abs_diff"),
-  ("grad rel", "grad_rel_l2"),
-  ("t terms", "time_term_by_term_s"),
-  ("t div", "time_divergence_tol_s"),
+  "case, n, blur, term by term=term_by_term:.10g, divergence tol=divergence_tol:.10g",
+  "abs diff=abs_diff, grad rel=grad_rel_l2, t terms=time_term_by_term_s",
+  "t div=time_divergence_tol_s",
 ]
 WARM_COLUMNS = [
-  ("ε", "epsilon"),
-  ("δ", "delta"),
-  ("max_iter", "max_iter"),
-  ("cold iters", "cold_iters"),
-  ("cold (s)", "cold_s"),
-  ("warm iters", "warm_iters"),
-  ("warm (s)", "warm_s"),
-  ("cold pert. iters", "cold_perturbed_iters"),
-  ("cold pert. (s)", "cold_perturbed_s"),
-  ("iters warm/cold", "iters_warm_over_cold"),
-  ("time warm/cold", "time_warm_over_cold"),
+  "ε=epsilon, δ=delta, max_iter, cold iters=cold_iters, cold (s)=cold_s, warm iters=warm_iters",
+  "warm (s)=warm_s, cold pert. iters=cold_perturbed_iters, cold pert. (s)=cold_perturbed_s",
+  "iters warm/cold=iters_warm_over_cold, time warm/cold=time_warm_over_cold",
   ("|ΔOT| warm vs cold", lambda r: abs(r["reg_ot_warm"] - r["reg_ot_cold"])),
 ]
 
@@ -298,29 +255,25 @@ def markdown(payload: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-  p = harness.parser(__doc__)
-  p.add_argument("--parts", default="annealed,warm", help="comma list of annealed, warm")
-  harness.flags(p, seed=0)
-  p.add_argument("--n", type=int, default=3000, help="points per cloud in part (a)")
+  p = harness.parser(__doc__, parts=("annealed,warm", "comma list of annealed, warm"), seed=0)
+  harness.flags(p, n=(3000, "points per cloud in part (a)"))
   p.add_argument("--blurs", type=harness.floats, default=[0.05, 0.1])
   p.add_argument("--scalings", type=harness.floats, default=[0.5, 0.7, 0.9])
-  p.add_argument("--repeats", type=int, default=3, help="warm repeats of the annealed runs")
-  harness.flags(p, ref_tol=1e-4, ref_max_iter=200_000)
-  p.add_argument("--ref_cache", default="", help="directory caching references (resumable)")
-  p.add_argument("--check_n", type=int, default=500, help="cross-check size; 0 skips it")
+  harness.flags(p, repeats=(3, "warm repeats of the annealed runs"), ref_tol=1e-4)
+  harness.flags(p, ref_max_iter=200_000)
+  harness.flags(p, ref_cache=("", "directory caching references (resumable)"))
+  harness.flags(p, check_n=(500, "cross-check size; 0 skips it"))
   harness.flags(p, check_max_iter=200_000, warm_n=2000)
   p.add_argument("--warm_eps", type=harness.floats, default=[0.01, 0.0025])
   p.add_argument("--warm_deltas", type=harness.floats, default=[1e-2, 1e-3])
   harness.flags(p, warm_tol=1e-3, warm_max_iter=2000, warm_max_iter_cap=20_000)
-  p.add_argument("--repeats_warm", type=int, default=1, help="timed runs per warm-start solve")
+  harness.flags(p, repeats_warm=(1, "timed runs per warm-start solve"))
   args = harness.parse(p, argv)
   parts = {s.strip() for s in args.parts.split(",")}
   command = harness.command("ot_accuracy", argv)
   payload = {"config": vars(args), "command": command, "env": harness.env_info()}
   t0 = time.perf_counter()
-  res = {"annealed": part_annealed(args)} if "annealed" in parts else {}
-  if "warm" in parts:
-    res["warm"] = part_warm(args)
+  res = {k: f(args) for k, f in (("annealed", part_annealed), ("warm", part_warm)) if k in parts}
   payload = {**payload, "total_s": time.perf_counter() - t0, **res}
   return harness.save(args.out, "ot_accuracy", payload, markdown)
 

@@ -1,26 +1,14 @@
 """Our Sinkhorn divergence against ott-jax and GeomLoss: time, memory and error, same inputs.
 
-For each dimension ``d`` and size ``n = m``: ``x`` = a flower sample (d = 2) or ``N(0, I)``,
-``y`` = ``N(0.5, 1.5² I)`` (``--target flower``: a flower sample), float32, the same for every
-method; each (method, d, n) runs in a fresh subprocess (its own peak RSS, VmHWM) and computes
-the divergence and its gradient in ``x``:
+Per dimension ``d`` and size ``n = m``: ``x`` a flower sample (d = 2) or ``N(0, I)``, ``y``
+``N(0.5, 1.5² I)`` (``--target flower``: a flower sample), float32; each (method, d, n) in a
+fresh subprocess (its own peak RSS) computes the divergence and its gradient in ``x``. Methods:
+``ours[_multiscale[_accurate]]`` (annealed, ``coarse`` grids), ``ours_tol`` (then converged to
+``--tol``), ``ours_s0.9[9]`` (that scaling), ``ours_fixed[_multiscale]`` (``OT_ε`` at ``ε =
+blur²`` after ``--fixed_iters`` update pairs, compared with ``ours_fixed``), ``ott_dense`` /
+``ott_online`` (``ε_ott = 2 blur²``, value halved), ``geomloss_{tensorized,online,multiscale}``
+(torch on the CPU). Errors against :func:`benchmarks.ot_accuracy.reference` (float64).
 
-* ``ours``: :func:`gsae_jax.ot.sinkhorn_divergence`, dense, GeomLoss's annealed schedule (the
-  paper's setting, ``blur``, ``scaling``), no test; ``ours_multiscale[_accurate]``: the
-  multiscale backend (d ≤ 3, ``coarse="fast"`` / ``"accurate"``); ``ours_tol``: then on at
-  ``ε = blur²`` to marginal violation ``--tol``; ``ours_s0.9`` / ``ours_s0.99``: that scaling;
-* ``ours_fixed[_multiscale]``: ``OT_ε(x, y)`` of the fixed-ε :func:`gsae_jax.ot.sinkhorn` at
-  ``ε = blur²`` after exactly ``--fixed_iters`` update pairs from zero (cost per update at equal
-  work, the backends compared with each other, not with the reference);
-* ``ott_dense`` / ``ott_online``: ott-jax ``sinkhorn_divergence`` (``ε_ott = 2 blur²``, value
-  halved; ``online``: ``batch_size``), ``threshold = --tol``;
-* ``geomloss_tensorized`` / ``_online`` / ``_multiscale``: ``SamplesLoss("sinkhorn", p=2, blur,
-  scaling, backend)``, torch float32 on the CPU (the last two through KeOps).
-
-Errors: against the converged float64 divergence (:func:`benchmarks.ot_accuracy.reference`, to
-``--ref_tol``). Time: median of ``--repeats`` warm runs of value + gradient, compile apart.
-
-  python -m benchmarks.sinkhorn                                  # d = 2, 10; n = 1k … 60k
   python -m benchmarks.sinkhorn --sizes 200 --dims 2 --repeats 1 --out /tmp/b
 """
 
@@ -44,37 +32,25 @@ METHODS = tuple(
 DENSE = {"ott_dense", "geomloss_tensorized"}
 # Run only for n <= --tol_max_n: converged solves and the slow, accurate annealing schedules.
 ACCURATE = {"ours_tol", "ours_s0.9", "ours_s0.99", "ott_dense"}
-REQUIRES = {
-  "ott": ("ott",),
-  "geomloss": ("torch", "geomloss"),
-  "geomloss_online": ("torch", "geomloss", "pykeops"),
-  "geomloss_multiscale": ("torch", "geomloss", "pykeops"),
-}
+KEOPS = ("torch", "geomloss", "pykeops")
+REQUIRES = {"ott": ("ott",), "geomloss": KEOPS[:2], "geomloss_online": KEOPS}
+REQUIRES["geomloss_multiscale"] = KEOPS
 # Loaded before the RSS reading that precedes the solve, so that ΔRSS is the method's own.
-PRELOAD = {
-  "geomloss": ("geomloss", "torch"),
-  "ott": ("gsae_jax.ot", "ott.tools.sinkhorn_divergence"),
-}
-
-# ----------------------------------------------------------------------------- workers
+PRELOAD = {"geomloss": ("geomloss", "torch")}
+PRELOAD["ott"] = ("gsae_jax.ot", "ott.tools.sinkhorn_divergence")
 
 
 def _ours(method: str, a: dict):
   from gsae_jax.ot import sinkhorn, sinkhorn_divergence
 
   backend = "multiscale" if "multiscale" in method else "dense"
-  if method.startswith("ours_fixed"):
-    # tol below float32's reach: exactly --fixed_iters update pairs.
+  if method.startswith("ours_fixed"):  # tol below float32's reach: exactly --fixed_iters pairs
     kw = {"epsilon": a["blur"] ** 2, "tol": 1e-12, "max_iter": a["fixed_iters"]}
     return lambda x, y: sinkhorn(x, y, backend=backend, **kw).reg_ot_cost
-  kw = {
-    "blur": a["blur"],
-    "scaling": float(method[6:]) if method.startswith("ours_s0") else a["scaling"],
-    "tol": a["tol"] if method == "ours_tol" else None,
-    "max_iter": a["max_iter"],
-    "backend": backend,
-    "coarse": "accurate" if method.endswith("_accurate") else "fast",
-  }
+  scaling = float(method[6:]) if method.startswith("ours_s0") else a["scaling"]
+  kw = {"blur": a["blur"], "scaling": scaling, "tol": a["tol"] if method == "ours_tol" else None}
+  kw |= {"max_iter": a["max_iter"], "backend": backend}
+  kw["coarse"] = "accurate" if method.endswith("_accurate") else "fast"
   return lambda x, y: sinkhorn_divergence(x, y, **kw)
 
 
@@ -111,12 +87,8 @@ def _geomloss(method: str, x, y, a: dict) -> harness.Timing:
 
 
 def measure(method: str, inputs: str, grad_path: str, a: dict) -> dict:
-  """One (method, d, n) in this process (:func:`benchmarks.harness.run_isolated`).
-
-  Loads ``x``, ``y`` from the ``.npz`` file ``inputs``, saves the gradient to ``grad_path``
-  (``.npy``). Reports this process's peak RSS (VmHWM) at the end and just before the solve
-  (after importing the framework and loading the inputs): the difference is the method's own.
-  """
+  """One (method, d, n) in this process on the ``.npz`` ``inputs``, the gradient saved to
+  ``grad_path``; peak RSS at the end and before the solve (the difference is the method's own)."""
   family = method.split("_")[0]
   for module in PRELOAD.get(family, ("gsae_jax.ot",)):
     importlib.import_module(module)
@@ -146,9 +118,6 @@ def measure(method: str, inputs: str, grad_path: str, a: dict) -> dict:
   return {**out, "vm_hwm_before_mb": hwm_before, "vm_hwm_mb": harness.vm_hwm_mb()}
 
 
-# ----------------------------------------------------------------------------- driver
-
-
 def _skip(method: str, n: int, d: int, args) -> str | None:
   """Why ``method`` does not run at ``(n, d)``, or ``None``."""
   if method in DENSE and 3 * n * n * 4 > args.dense_limit_gb * 2**30:
@@ -170,7 +139,7 @@ def _isolated(method: str, d: int, n: int, tmp: Path, args) -> tuple[dict, np.nd
   kwargs = {"method": method, "inputs": inputs, "grad_path": str(grad_path), "a": a}
   # Also KeOps's OpenMP threads; it must be set before torch (and its OpenMP runtime) loads.
   env = {"OMP_NUM_THREADS": str(args.torch_threads)} if method.startswith("geomloss") else None
-  requires = REQUIRES.get(method, REQUIRES.get(method.split("_")[0], ()))
+  requires = REQUIRES.get(method) or REQUIRES.get(method.split("_")[0], ())
   r = harness.run_isolated("benchmarks.sinkhorn:measure", kwargs, args.timeout_s, requires, env)
   return r, np.load(grad_path) if r["status"] == "ok" else None
 
@@ -224,83 +193,65 @@ def run(args) -> dict:
 def markdown(payload: dict) -> str:
   """The result table: one row per (d, n, method), times as ratios to ``ours`` too."""
   rows, time_s, a = payload["rows"], harness.seconds, payload["args"]
-  bases = {
-    (r["d"], r["n"], r["method"]): time_s(r) for r in rows if r["method"] == _base(r["method"])
-  }
+  is_base = lambda r: r["method"] == _base(r["method"])
+  bases = {(r["d"], r["n"], r["method"]): time_s(r) for r in rows if is_base(r)}
   base = lambda r: bases.get((r["d"], r["n"], _base(r["method"])))
   peak, before = lambda r: r.get("peak_rss_mb"), lambda r: r.get("vm_hwm_before_mb")
   columns = [
-    ("d", "d"),
-    ("n", "n"),
-    ("method", "method"),
+    "d, n, method",
     ("time (s)", time_s),
     ("÷ ours", lambda r: f"{time_s(r) / base(r):.2f}×" if time_s(r) and base(r) else None),
     ("compile / first (s)", lambda r: r.get("compile_s") or (r.get("warm_s") and r["first_run_s"])),
     ("warm", lambda r: len(r.get("warm_runs_s") or []) if time_s(r) else None),
     ("peak RSS (MB)", lambda r: peak(r) or None),
     ("ΔRSS (MB)", lambda r: peak(r) - before(r) if peak(r) and before(r) else None),
-    ("value", "value"),
-    ("value rel. err", "value_rel_err"),
-    ("grad rel. err", "grad_rel_err"),
-    ("value vs ours", "value_rel_diff_ours"),
-    ("grad vs ours", "grad_rel_diff_ours"),
-    ("load", "load_avg_1m"),
+    "value, value rel. err=value_rel_err, grad rel. err=grad_rel_err",
+    "value vs ours=value_rel_diff_ours, grad vs ours=grad_rel_diff_ours, load=load_avg_1m",
     ("status", lambda r: r.get("status", "")),
   ]
-  refs = {(r["d"], r["n"]): (r.get("ref_value"), r.get("reference")) for r in rows}
-  ref_lines = [
-    f"- d = {d}, n = {n}: reference "
-    + (f"S = {v:.8g} ({note})" if v is not None else f"{note or 'none'}")
-    for (d, n), (v, note) in sorted(refs.items())
-  ]
-  fixed = any(r["method"].startswith("ours_fixed") for r in rows)
-  return (
+  refs = sorted({(r["d"], r["n"]): (r.get("ref_value"), r.get("reference")) for r in rows}.items())
+  text = (
     f"Sinkhorn divergence value + gradient in x, float32 inputs, blur {a['blur']}, scaling "
     f"{a['scaling']}; GeomLoss on {a.get('torch_threads', '?')} torch/OpenMP thread(s); "
     f"`ours_tol` and `ott_dense` run to marginal violation {a['tol']}. "
-    + (
+  )
+  if any(r["method"].startswith("ours_fixed") for r in rows):
+    text += (
       f"`ours_fixed*`: OT_ε(x, y) at ε = blur² after {a['fixed_iters']} update pairs from "
       'zero potentials, "÷ ours" and "vs ours" against `ours_fixed`. '
-      if fixed
-      else ""
     )
-    + 'Errors ("rel. err") are against a float64 reference: the three OT terms solved separately '
+  text += (
+    'Errors ("rel. err") are against a float64 reference: the three OT terms solved separately '
     f"by the alternating fixed-ε `gsae_jax.ot.sinkhorn` to marginal violation {a['ref_tol']} "
     '(`benchmarks.ot_accuracy.reference`); "vs ours" is the relative difference to `ours` '
     "in the same run (gradient: ‖g − g_ours‖/‖g_ours‖). Time: median of the warm runs "
     '("warm" = how many; 0 = the single first run after compilation). ΔRSS = peak RSS '
     "minus the process's peak after importing its framework and making the inputs. "
     f"Load average (1 min) at the start of each row on {payload['env']['cpu_count']} CPUs.\n\n"
-    + "\n".join(ref_lines)
-    + "\n\n"
-    + harness.table(columns, rows)
   )
+  ref = lambda v, note: f"S = {v:.8g} ({note})" if v is not None else f"{note or 'none'}"
+  text += "\n".join(f"- d = {d}, n = {n}: reference {ref(*r)}" for (d, n), r in refs)
+  return text + "\n\n" + harness.table(columns, rows)
 
 
 def main(argv: list[str] | None = None) -> dict:
-  p = harness.parser(__doc__)
-  harness.flags(p, sizes=[1000, 5000, 20000, 60000], dims=[2, 10])
-  p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-  harness.flags(p, blur=0.05, scaling=0.7)
-  p.add_argument("--tol", type=float, default=1e-3, help="marginal tolerance of converged runs")
-  harness.flags(p, max_iter=10_000)
-  p.add_argument("--fixed_iters", type=int, default=100, help="update pairs of ours_fixed*")
-  harness.flags(p, ref_tol=1e-5, ref_max_iter=100_000)
-  p.add_argument("--ref_max_n", type=int, default=1000, help="largest n given a reference")
-  p.add_argument("--tol_max_n", type=int, default=1000, help="largest n for converged solves")
-  harness.flags(p, dense_limit_gb=16.0, repeats=3)
-  p.add_argument("--big_n", type=int, default=20000, help="from this n on, at most 1 repeat")
-  p.add_argument("--repeat_budget_s", type=float, default=120.0, help="warm runs' total cap (s)")
-  p.add_argument("--timeout_s", type=float, default=1800.0, help="per (method, d, n)")
+  p = harness.parser(__doc__, sizes=[1000, 5000, 20000, 60000], dims=[2, 10])
+  harness.flags(p, methods=([*METHODS], None, METHODS), blur=0.05, scaling=0.7)
+  harness.flags(p, tol=(1e-3, "marginal tolerance of converged runs"))
+  harness.flags(p, max_iter=10_000, fixed_iters=(100, "update pairs of ours_fixed*"), ref_tol=1e-5)
+  harness.flags(p, ref_max_iter=100_000, ref_max_n=(1000, "largest n given a reference"))
+  harness.flags(p, tol_max_n=(1000, "largest n for converged solves"), dense_limit_gb=16.0)
+  harness.flags(p, repeats=3, big_n=(20000, "from this n on, at most 1 repeat"))
+  harness.flags(p, repeat_budget_s=(120.0, "warm runs' total cap (s)"))
+  harness.flags(p, timeout_s=(1800.0, "per (method, d, n)"))
   # All CPUs, like XLA: 2 threads ran GeomLoss 1.7-1.9x faster than 1 idle, 5.5x slower loaded.
   threads = os.cpu_count() or 1
-  p.add_argument("--torch_threads", type=int, default=threads, help="torch/KeOps (OpenMP) threads")
-  harness.flags(p, seed=0)
-  p.add_argument("--target", default="gauss", choices=("gauss", "flower"), help="y cloud")
+  harness.flags(p, torch_threads=(threads, "torch/KeOps (OpenMP) threads"), seed=0)
+  harness.flags(p, target=("gauss", "y cloud", ("gauss", "flower")))
   p.add_argument("--ours_max_n", type=int, default=None, help="largest n for dense `ours`")
-  p.add_argument("--append", action="store_true", help="merge into <out>/<name>.json")
-  p.add_argument("--merge_from", nargs="*", default=[], help="--render_only: JSONs to merge")
-  p.add_argument("--render_only", action="store_true", help="run nothing: rewrite <out>/<name>.*")
+  harness.flags(p, append=(False, "merge into <out>/<name>.json"))
+  harness.flags(p, merge_from=([], "--render_only: JSONs to merge"))
+  harness.flags(p, render_only=(False, "run nothing: rewrite <out>/<name>.*"))
   args = harness.parse(p, argv, "sinkhorn")
   if args.target == "flower" and set(args.dims) != {2}:
     p.error("--target flower needs d = 2")

@@ -1,12 +1,9 @@
 """Softmin throughput against this machine's exp throughput, measured in the same run.
 
-One *pair* of the softmin ``f_i = −ε log Σ_j exp(h_j + ⟨x_i, y_j⟩/ε)`` is one ``exp`` plus a few
-multiply-adds and a running max/sum, so the rate of a fused ``exp`` + sum over a large float32
-array (``exp_sum``) is the practical ceiling; a plain elementwise ``exp`` that writes its output
-(``exp_map``) is memory-bound and shown for reference. Reported: pairs (or elements) per second,
-the median of ``--repeats`` warm runs, and each softmin's fraction of the ``exp_sum`` rate.
+A softmin pair is one ``exp`` plus a few multiply-adds, so a fused ``exp`` + sum over a large
+float32 array (``exp_sum``) is the practical ceiling; a plain ``exp`` map (``exp_map``) is
+memory-bound. Rates: median of ``--repeats`` warm runs, and each one's fraction of ``exp_sum``.
 
-  python -m benchmarks.softmin                       # n = m ∈ {4096, 16384}, d = 2
   python -m benchmarks.softmin --sizes 512 --repeats 1 --out /tmp/b
 """
 
@@ -53,21 +50,14 @@ def markdown(payload: dict) -> str:
     "n·m pairs once, though the backward recomputes each block). Load average at start "
     f"{payload['env']['load_avg_1m_at_start']:.2f} on {payload['env']['cpu_count']} CPUs.\n\n"
   )
-  columns = [
-    ("kernel", "kernel"),
-    ("size", "size"),
-    ("seconds", "seconds"),
-    ("G/s", lambda r: r["per_s"] / 1e9),
-    ("fraction of exp_sum", "fraction_of_exp_sum"),
-  ]
+  rate = ("G/s", lambda r: r["per_s"] / 1e9)
+  columns = ["kernel, size, seconds", rate, "fraction of exp_sum=fraction_of_exp_sum"]
   return head + harness.table(columns, payload["rows"])
 
 
 def main(argv: list[str] | None = None) -> dict:
-  p = harness.parser(__doc__)
-  harness.flags(p, sizes=[4096, 16384], d=2)
-  p.add_argument("--exp_log2", type=int, default=26, help="exp benchmark over 2^k floats")
-  harness.flags(p, repeats=5)
+  p = harness.parser(__doc__, sizes=[4096, 16384], d=2)
+  harness.flags(p, exp_log2=(26, "exp benchmark over 2^k floats"), repeats=5)
   args = harness.parse(p, argv)
   return harness.save(args.out, "softmin", run(args), markdown)
 

@@ -1,10 +1,7 @@
-"""Steps per second and peak memory of the three GSAE training steps.
+"""Steps per second and peak memory of the three GSAE training steps (MLP, batch 100, flower
+prior), each (variant, n) in a fresh subprocess (its own peak RSS).
 
   python -m benchmarks.train_step --n 4000 60000 --dataset idx:/usr/share/datasets/fashion-mnist
-
-Each (variant, n) runs in a fresh subprocess so its peak RSS (VmHWM) is its own; the step is the
-jitted training step of :mod:`gsae_jax.training.gsae` on the MLP, batch 100, flower prior, blur
-0.05, scaling 0.7.
 """
 
 from __future__ import annotations
@@ -17,13 +14,10 @@ CONFIG = "arch blur scaling prior_self_term ot_backend ot_warm_iters resample_fr
 
 
 def measure(variant: str, n: int, dataset: str, steps: int, pretrain: int = 0, **config) -> dict:
-  """Times ``steps`` warm steps of one variant in this process, then (global variants) its parts.
-
-  ``config``: the :data:`CONFIG` settings. ``pretrain``: ``local`` steps (one batch against a
-  batch-size prior sample) that train the autoencoder first, so that the latents roughly fill
-  the prior as during training (a fresh encoder's small blob keeps more tiles). The parts are
-  timed by :func:`_time_parts`.
-  """
+  """Times ``steps`` warm steps of one variant (``config``: the :data:`CONFIG` settings) in this
+  process, then (global variants) :func:`_time_parts`. ``pretrain``: ``local`` steps first, so
+  that the latents roughly fill the prior as in training (a fresh encoder's blob keeps more
+  multiscale tiles)."""
   import jax
   import jax.numpy as jnp
 
@@ -70,10 +64,9 @@ def measure(variant: str, n: int, dataset: str, steps: int, pretrain: int = 0, *
 
 
 def _time_parts(model, config, state, images) -> dict:
-  """Each jitted alone, median of 3 warm runs: ``encode_s`` (all images through the encoder),
-  ``ot_s`` (value and gradient of the divergence between the latents and as many prior points,
-  with the step's backend; with ``ot_warm_iters`` the warm-started solve of every step after
-  the first) and ``encode_vjp_s`` (encoder forward plus the VJP of a latent cotangent)."""
+  """Median of 3 warm runs, each jitted alone: ``encode_s`` (all images), ``ot_s`` (value and
+  gradient of the step's divergence, warm-started with ``ot_warm_iters``), ``encode_vjp_s``
+  (encoder forward + VJP of a latent cotangent)."""
   import jax
   import jax.numpy as jnp
 
@@ -108,53 +101,38 @@ def _time_parts(model, config, state, images) -> dict:
 
 
 PARTS = ("OT backend", "encode (s)", "OT value+grad (s)", "encode+VJP (s)")
-"""Columns that runs from before ``--ot_backend`` (which did not time the parts) leave out."""
 
 
 def markdown(payload: dict) -> str:
   """The table, then a line of the setting (of the flags the run had)."""
   a, rows = payload["args"], payload["rows"]
   columns = [
-    ("variant", "variant"),
-    ("n", "n"),
-    ("arch", "arch"),
+    "variant, n, arch",
     ("blur/scaling", lambda r: f"{r['blur']:g}/{r['scaling']:g}"),
     ("OT backend", lambda r: r.get("ot_backend_used", r.get("ot_backend", "–"))),
-    ("steps/s", "steps_per_s"),
-    ("s/step", "step_s"),
-    ("encode (s)", "encode_s"),
-    ("OT value+grad (s)", "ot_s"),
-    ("encode+VJP (s)", "encode_vjp_s"),
-    ("compile+first (s)", "compile_and_first_step_s"),
-    ("peak RSS (MB)", "peak_rss_mb"),
-    ("status", "status"),
+    "steps/s=steps_per_s, s/step=step_s, encode (s)=encode_s, OT value+grad (s)=ot_s",
+    "encode+VJP (s)=encode_vjp_s, compile+first (s)=compile_and_first_step_s",
+    "peak RSS (MB)=peak_rss_mb, status",
   ]
-  if "ot_backend" not in a:
-    columns = [c for c in columns if c[0] not in PARTS]
-  settings = [
-    f"{k}={a[k]}" for k in ("prior_self_term", "ot_warm_iters", "resample_freq") if k in a
-  ]
-  note = "; ".join(
-    [f"load average at start {payload['env']['load_avg_1m_at_start']:.2f}", *settings]
-  )
-  note += f"; {a['steps']} timed steps after the first"
+  if "ot_backend" not in a:  # runs from before --ot_backend did not time the parts
+    columns = [c for c in harness.columns(columns) if c[0] not in PARTS]
+  bits = [f"load average at start {payload['env']['load_avg_1m_at_start']:.2f}"]
+  bits += [f"{k}={a[k]}" for k in ("prior_self_term", "ot_warm_iters", "resample_freq") if k in a]
+  note = "; ".join(bits) + f"; {a['steps']} timed steps after the first"
   if a.get("pretrain"):
     note += f", from the parameters of {a['pretrain']} `local` steps"
   return harness.table(columns, rows) + "\n\n" + note + "\n"
 
 
 def main(argv=None) -> dict:
-  p = harness.parser(__doc__)
-  p.add_argument("--n", type=int, nargs="+", default=[4000])
-  p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-  p.add_argument("--dataset", default="mnist5k", help="data source for n > 4000")
-  harness.flags(p, arch="mlp", steps=5, blur=0.05)
-  p.add_argument("--scaling", type=float, default=0.7, help="--blur 2 --scaling 0.3: fast peak RSS")
-  p.add_argument("--prior_self_term", action="store_true", help="also the prior's self-term of S")
-  p.add_argument("--ot_backend", default="auto", choices=("auto", "dense", "multiscale"))
-  p.add_argument("--ot_warm_iters", type=int, default=0, help="warm-started OT: updates per step")
-  p.add_argument("--resample_freq", type=int, default=1, help="prior redraws (warm OT needs > 1)")
-  p.add_argument("--pretrain", type=int, default=0, help="local steps before the timed ones")
+  p = harness.parser(__doc__, n=[4000], variants=([*VARIANTS], None, VARIANTS))
+  harness.flags(p, dataset=("mnist5k", "data source for n > 4000"), arch="mlp", steps=5, blur=0.05)
+  harness.flags(p, scaling=(0.7, "--blur 2 --scaling 0.3: fast peak RSS"))
+  harness.flags(p, prior_self_term=(False, "also the prior's self-term of S"))
+  harness.flags(p, ot_backend=("auto", None, ("auto", "dense", "multiscale")))
+  harness.flags(p, ot_warm_iters=(0, "warm-started OT: updates per step"))
+  harness.flags(p, resample_freq=(1, "prior redraws (warm OT needs > 1)"))
+  harness.flags(p, pretrain=(0, "local steps before the timed ones"))
   p.add_argument("--timeout_s", type=float, default=None, help="kill a config after this long (s)")
   args = harness.parse(p, argv, "train_step")
   env, rows = harness.env_info(), []

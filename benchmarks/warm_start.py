@@ -1,10 +1,9 @@
 """Warm-started potentials across training steps vs the cold annealed schedule (issue 13, part 3).
 
-A training run in miniature, without the encoder: the latents ``x_t`` drift a little per step
-(a slow rotation and dilation, about an Adam step's move), the ``n``-point flower prior sample
-is redrawn every step or kept. Each step computes the divergence (``static_b``) and its gradient
-cold (the annealed schedule) and in warm chains from the previous step's potentials with
-``warm_iters = k`` updates; at the last step a converged reference gives each one's errors.
+Latents ``x_t`` drift a little per step (rotation and dilation), the flower prior sample is
+redrawn every step or kept; each step solves the divergence (``static_b``) with its gradient
+cold and in warm chains of ``warm_iters = k`` updates; errors against a converged reference at
+the last step.
 
   python -m benchmarks.warm_start --n 60000 --steps 10 --warm_iters 2 5 --name warm_start_60k
 """
@@ -27,15 +26,10 @@ def base_latents(regime: str, key, n: int) -> jax.Array:
   return rotated(harness.sample("flower", key, n), 0.05)
 
 
-def rotated(pts: jax.Array, angle: float) -> jax.Array:
-  """``pts`` rotated by ``angle`` (radians) about the origin."""
+def rotated(pts: jax.Array, angle: float, scale: float = 1.0) -> jax.Array:
+  """``pts`` rotated by ``angle`` (radians) about the origin, times ``scale``."""
   c, s = np.cos(angle), np.sin(angle)
-  return pts @ jnp.array([[c, -s], [s, c]])
-
-
-def drifted(base: jax.Array, t: int, rate: float) -> jax.Array:
-  """``(1 + rate·t) R(rate·t) base``: per step each point moves ≈ ``rate·|x|``."""
-  return (1.0 + rate * t) * rotated(base, rate * t)
+  return scale * (pts @ jnp.array([[c, -s], [s, c]]))
 
 
 def make_solver(kw: dict, warm_iters: int | None, redrawn: bool):
@@ -68,7 +62,7 @@ def run_regime(args, regime: str, target: str) -> list[dict]:
   state, last, times, viol = {}, {}, {m: [] for m in methods}, {m: [] for m in methods}
   y_fixed = harness.sample("flower", k_prior, args.n)
   for t in range(args.steps):
-    x = drifted(base, t, args.rate)
+    x = rotated(base, args.rate * t, 1.0 + args.rate * t)  # each point moves ≈ rate·|x| a step
     y = harness.sample("flower", jax.random.fold_in(k_prior, t), args.n) if redrawn else y_fixed
     for m in methods:
       init = state.get(m, state.get("cold"))  # cold runs first: a chain starts from it
@@ -77,12 +71,9 @@ def run_regime(args, regime: str, target: str) -> list[dict]:
       if t > 0 or m == "cold":  # step 0 of a warm chain includes its compile
         times[m].append(timing.first_run_s)
       viol[m].append(float(out.marginal_violation))
-      state[m] = (out.f_ba, out.g_ab, out.f_aa)
-      last[m] = (float(val), grad, out)
-      harness.log(
-        f"  {regime}/{target} step {t} {m}: {timing.first_run_s:.2f} s, value {float(val):.6g}, "
-        f"violation {float(out.marginal_violation):.3g}"
-      )
+      state[m], last[m] = (out.f_ba, out.g_ab, out.f_aa), (float(val), grad, out)
+      where = f"  {regime}/{target} step {t} {m}: {timing.first_run_s:.2f} s"
+      harness.log(f"{where}, value {float(val):.6g}, violation {viol[m][-1]:.3g}")
   # Converged reference at the last step, from the most-iterated warm chain's potentials.
   best = max((k, m) for m, k in methods.items() if k is not None)[1]
   init, ref_kw = (*state[best], None), dict(kw, tol=args.ref_tol, max_iter=args.ref_max_iter)
@@ -112,13 +103,8 @@ def markdown(payload: dict, command: str) -> str:
   """The table, under a line of the setting and over the command."""
   a = payload["args"]
   columns = [
-    ("regime", "regime"),
-    ("target", "target"),
-    ("method", "method"),
-    ("s/solve (v+g)", "median_s"),
-    ("marginal viol. (last)", "violation_last"),
-    ("value rel. err", "value_rel_err"),
-    ("grad rel. err", "grad_rel_err"),
+    "regime, target, method, s/solve (v+g)=median_s, marginal viol. (last)=violation_last",
+    "value rel. err=value_rel_err, grad rel. err=grad_rel_err",
     ("ref. updates (converged)", lambda r: f"{r['ref_updates']} ({r['ref_converged']})"),
   ]
   return (
@@ -131,18 +117,15 @@ def markdown(payload: dict, command: str) -> str:
 
 
 def main(argv=None) -> dict:
-  p = harness.parser(__doc__)
-  harness.flags(p, n=60000, steps=10, warm_iters=[2, 5])
-  p.add_argument("--regimes", nargs="+", default=["early", "late"], choices=["early", "late"])
-  p.add_argument("--targets", nargs="+", default=["redrawn"], choices=["redrawn", "kept"])
-  p.add_argument("--rate", type=float, default=0.002, help="drift per step (relative)")
-  harness.flags(p, blur=0.05, scaling=0.7, backend="multiscale", ref_tol=1e-3, ref_max_iter=2000)
-  harness.flags(p, seed=0)
+  p = harness.parser(__doc__, n=60000, steps=10, warm_iters=[2, 5])
+  harness.flags(p, regimes=(["early", "late"], None, ["early", "late"]))
+  harness.flags(p, targets=(["redrawn"], None, ["redrawn", "kept"]))
+  harness.flags(p, rate=(0.002, "drift per step (relative)"), blur=0.05, scaling=0.7)
+  harness.flags(p, backend="multiscale", ref_tol=1e-3, ref_max_iter=2000, seed=0)
   args = harness.parse(p, argv, "warm_start")
-  env = harness.env_info()
+  env, command = harness.env_info(), harness.command("warm_start", argv)
   rows = [r for reg in args.regimes for tgt in args.targets for r in run_regime(args, reg, tgt)]
   payload = {"args": vars(args), "env": env, "rows": rows}
-  command = harness.command("warm_start", argv)
   return harness.save(args.out, args.name, payload, lambda p: markdown(p, command))
 
 
