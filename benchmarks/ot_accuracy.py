@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +79,23 @@ def reference(x, y, blur, tol, max_iter) -> dict:
     return out | {"compile_s": coarse.compile_s + fine.compile_s, "run_s": t_run}
 
 
+def cached_reference(args, case, n, x, y, blur) -> dict:
+  """:func:`reference`, stored under ``--ref_cache`` (if set) so an interrupted run resumes."""
+  if not args.ref_cache:
+    return reference(x, y, blur, args.ref_tol, args.ref_max_iter)
+  key = f"{case}_n{n}_blur{blur:g}_seed{args.seed}_tol{args.ref_tol:g}_max{args.ref_max_iter}"
+  path = Path(args.ref_cache) / f"{key}.npz"
+  if path.exists():
+    with np.load(path) as z:
+      harness.log(f"    (reference from {path})")
+      return {**json.loads(str(z["meta"])), "grad": z["grad"]}
+  ref = cached_reference(args, case, args.n, x, y, blur)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  meta = json.dumps({k: v for k, v in ref.items() if k != "grad"})
+  np.savez(path, grad=ref["grad"], meta=np.asarray(meta))
+  return ref
+
+
 def part_annealed(args) -> dict:
   """Part (a): the rows, the references and the cross-checks."""
   rows, refs, checks = [], [], []
@@ -112,7 +131,7 @@ def part_annealed(args) -> dict:
       xc, yc = make_clouds(case, args.check_n, args.seed + 1)
       blur = max(args.blurs)
       harness.log(f"[a] cross-check {case} n={args.check_n} blur={blur} ...")
-      ref = reference(xc, yc, blur, args.ref_tol, args.ref_max_iter)
+      ref = cached_reference(args, case, args.check_n, xc, yc, blur)
       kw = {"tol": args.ref_tol, "max_iter": args.check_max_iter}
       with jax.enable_x64(True):
         div = annealed(xc, yc, blur, 0.7, jnp.float64, 0, **kw)
@@ -241,7 +260,9 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--blurs", type=harness.floats, default=[0.05, 0.1])
   p.add_argument("--scalings", type=harness.floats, default=[0.5, 0.7, 0.9])
   harness.flags(p, repeats=(3, "warm repeats of the annealed runs"), ref_tol=1e-4)
-  harness.flags(p, ref_max_iter=200_000, check_n=(500, "cross-check size; 0 skips it"))
+  harness.flags(p, ref_max_iter=200_000)
+  harness.flags(p, ref_cache=("", "directory caching references (resumable)"))
+  harness.flags(p, check_n=(500, "cross-check size; 0 skips it"))
   harness.flags(p, check_max_iter=200_000, warm_n=2000)
   p.add_argument("--warm_eps", type=harness.floats, default=[0.01, 0.0025])
   p.add_argument("--warm_deltas", type=harness.floats, default=[1e-2, 1e-3])
