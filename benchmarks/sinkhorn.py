@@ -33,11 +33,14 @@ DENSE = {"ott_dense", "geomloss_tensorized"}
 # Run only for n <= --tol_max_n: converged solves and the slow, accurate annealing schedules.
 ACCURATE = {"ours_tol", "ours_s0.9", "ours_s0.99", "ott_dense"}
 KEOPS = ("torch", "geomloss", "pykeops")
-REQUIRES = {"ott": ("ott",), "geomloss": KEOPS[:2], "geomloss_online": KEOPS}
-REQUIRES["geomloss_multiscale"] = KEOPS
+REQUIRES = {"ott": ("ott",), "geomloss": KEOPS[:2]} | dict.fromkeys(
+  ("geomloss_online", "geomloss_multiscale"), KEOPS
+)
 # Loaded before the RSS reading that precedes the solve, so that ΔRSS is the method's own.
-PRELOAD = {"geomloss": ("geomloss", "torch")}
-PRELOAD["ott"] = ("gsae_jax.ot", "ott.tools.sinkhorn_divergence")
+PRELOAD = {
+  "geomloss": ("geomloss", "torch"),
+  "ott": ("gsae_jax.ot", "ott.tools.sinkhorn_divergence"),
+}
 
 
 def _ours(method: str, a: dict):
