@@ -40,6 +40,12 @@ def small_model(mnist):
   return params, classifier.accuracy(params, mnist.test_images, mnist.test_labels)
 
 
+@pytest.fixture(scope="module")
+def untrained():
+  """Initial parameters: enough for input checks and file round trips (no training)."""
+  return jax.jit(classifier.init_classifier)(jax.random.key(0))  # one compile, not one per op
+
+
 # ----------------------------------------------------------------------------------------------
 # Fréchet distance against independent references.
 # ----------------------------------------------------------------------------------------------
@@ -249,6 +255,7 @@ def test_training_input_errors(mnist):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # trains small_model (≈ 8 s)
 def test_fid_like_sanity_ordering(small_model, mnist):
   params, _ = small_model
   real = mnist.test_images
@@ -265,8 +272,8 @@ def test_fid_like_sanity_ordering(small_model, mnist):
   assert real_vs_noise > 10 * real_vs_real, (real_vs_real, real_vs_noise)
 
 
-def test_fid_like_rejects_bad_images(small_model, mnist):
-  params, _ = small_model
+def test_fid_like_rejects_bad_images(untrained, mnist):
+  params = untrained
   with pytest.raises(ValueError, match="fake_images must be a non-empty"):
     classifier.fid_like(params, mnist.test_images[:10], mnist.test_images[:10, :, :, 0])
   with pytest.raises(ValueError, match="fake_images needs n ≥ 2"):
@@ -278,9 +285,9 @@ def test_fid_like_rejects_bad_images(small_model, mnist):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_save_load_round_trip(small_model, tmp_path):
-  params, acc = small_model
-  meta = {"dataset": "mnist5k", "test_accuracy": acc, "steps": 400, "seed": 0}
+def test_save_load_round_trip(untrained, tmp_path):
+  params = untrained
+  meta = {"dataset": "mnist5k", "test_accuracy": 0.125, "steps": 0, "seed": 0}
   path = classifier.save_classifier(tmp_path / "sub" / "lenet.msgpack", params, meta)
   assert sorted(p.name for p in path.parent.iterdir()) == ["lenet.msgpack"]  # no tmp left
   loaded, loaded_meta = classifier.load_classifier(path)
@@ -295,8 +302,8 @@ def test_save_load_round_trip(small_model, tmp_path):
   assert classifier.load_classifier(path)[1]["seed"] == 1
 
 
-def test_load_errors(small_model, tmp_path):
-  params, _ = small_model
+def test_load_errors(untrained, tmp_path):
+  params = untrained
   good = classifier.save_classifier(tmp_path / "good.msgpack", params, {"dataset": "x"})
   cases = {
     "garbage.msgpack": b"\x00not msgpack at all\xff" * 3,
