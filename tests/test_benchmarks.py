@@ -271,3 +271,17 @@ def test_ot_accuracy_benchmark_tiny(tmp_path):
   assert w["warm_iters"] < w["cold_perturbed_iters"]  # the point of warm starts
   md = (tmp_path / "ot_accuracy.md").read_text()
   assert md.count("\n| flower_vs_") == 6 and "## (b) Warm start" in md
+
+
+@pytest.mark.slow
+def test_ot_accuracy_reference_cache_resumes(tmp_path, capsys):
+  # --ref_cache: the first run stores each converged reference, a rerun loads it unchanged.
+  argv = ["--parts", "annealed", "--n", "60", "--blurs", "0.3", "--scalings", "0.7"]
+  argv += ["--check_n", "40", "--repeats", "1", "--ref_cache", str(tmp_path / "refs")]
+  first = ot_accuracy.main([*argv, "--out", str(tmp_path / "a")])["annealed"]
+  assert len(list((tmp_path / "refs").glob("*.npz"))) == 4  # two cases, each + its cross-check
+  capsys.readouterr()
+  again = ot_accuracy.main([*argv, "--out", str(tmp_path / "b")])["annealed"]
+  assert capsys.readouterr().err.count("(reference from ") == 4
+  assert again["references"] == first["references"]
+  assert [r["converged"] for r in again["rows"]] == [r["converged"] for r in first["rows"]]
