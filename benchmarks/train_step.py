@@ -9,7 +9,9 @@ from __future__ import annotations
 from benchmarks import harness
 
 VARIANTS = ("local", "minibatch_global", "full_global")
-CONFIG = "arch blur scaling prior_self_term ot_backend ot_warm_iters resample_freq".split()
+CONFIG = (
+  "arch blur scaling prior_self_term ot_backend ot_coarse ot_warm_iters resample_freq".split()
+)
 """The flags passed on to :class:`gsae_jax.training.loop.ExperimentConfig` (and into each row)."""
 
 
@@ -80,6 +82,7 @@ def _time_parts(model, config, state, images) -> dict:
   prior = harness.sample(config.prior, jax.random.key(2), z.shape[0], z.shape[1])
   kw = {"blur": config.blur, "scaling": config.scaling, "static_b": not config.prior_self_term}
   kw |= {"backend": config.ot_backend, "warm_iters": max(1, config.ot_warm_iters)}
+  kw |= {"coarse": config.ot_coarse}  # the step's grids (training's default is "fast")
 
   def ot_loss(z, init=None):
     out = solve_divergence(z, prior, init=init, **kw)
@@ -117,7 +120,11 @@ def markdown(payload: dict) -> str:
   if "ot_backend" not in a:  # runs from before --ot_backend did not time the parts
     columns = [c for c in harness.columns(columns) if c[0] not in PARTS]
   bits = [f"load average at start {payload['env']['load_avg_1m_at_start']:.2f}"]
-  bits += [f"{k}={a[k]}" for k in ("prior_self_term", "ot_warm_iters", "resample_freq") if k in a]
+  bits += [
+    f"{k}={a[k]}"
+    for k in ("prior_self_term", "ot_coarse", "ot_warm_iters", "resample_freq")
+    if k in a
+  ]
   note = "; ".join(bits) + f"; {a['steps']} timed steps after the first"
   if a.get("pretrain"):
     note += f", from the parameters of {a['pretrain']} `local` steps"
@@ -130,6 +137,7 @@ def main(argv=None) -> dict:
   harness.flags(p, scaling=(0.7, "--blur 2 --scaling 0.3: fast peak RSS"))
   harness.flags(p, prior_self_term=(False, "also the prior's self-term of S"))
   harness.flags(p, ot_backend=("auto", None, ("auto", "dense", "multiscale")))
+  harness.flags(p, ot_coarse=("fast", "multiscale coarse grids", ("fast", "accurate")))
   harness.flags(p, ot_warm_iters=(0, "warm-started OT: updates per step"))
   harness.flags(p, resample_freq=(1, "prior redraws (warm OT needs > 1)"))
   harness.flags(p, pretrain=(0, "local steps before the timed ones"))

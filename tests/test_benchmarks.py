@@ -236,9 +236,14 @@ def test_train_step_benchmark_tiny(tmp_path):
   assert "from the parameters of 30 `local` steps" in (tmp_path / "pre.md").read_text()
   # Warm-started OT needs the prior sample kept between steps: --resample_freq reaches the step.
   argv = ["--n", "200", "--variants", "minibatch_global", "--steps", "2", "--ot_warm_iters", "1"]
-  train_step.main([*argv, "--resample_freq", "4", "--out", str(tmp_path), "--name", "warm"])
+  argv += ["--resample_freq", "4", "--ot_coarse", "accurate"]
+  train_step.main([*argv, "--out", str(tmp_path), "--name", "warm"])
   (warm,) = json.loads((tmp_path / "warm.json").read_text())["rows"]
   assert warm["status"] == "ok" and warm["resample_freq"] == 4 and warm["ot_warm_iters"] == 1
+  # The coarse grids reach the row and its note (the OT part is timed with the step's grids).
+  assert (
+    warm["ot_coarse"] == "accurate" and "ot_coarse=accurate" in (tmp_path / "warm.md").read_text()
+  )
 
 
 @pytest.mark.slow
