@@ -72,20 +72,16 @@ def _time_parts(model, config, state, images) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from gsae_jax.ot import solve_divergence
-  from gsae_jax.training.gsae import encode_all
+  from gsae_jax.training.gsae import encode_all, solve_step_ot
 
   enc = state.params["encoder"]
   encode = lambda p: encode_all(model, p, images, config.encode_chunk)
   t_encode = harness.time_fn(encode, enc, repeats=3)
   z = t_encode.result
   prior = harness.sample(config.prior, jax.random.key(2), z.shape[0], z.shape[1])
-  kw = {"blur": config.blur, "scaling": config.scaling, "static_b": not config.prior_self_term}
-  kw |= {"backend": config.ot_backend, "warm_iters": max(1, config.ot_warm_iters)}
-  kw |= {"coarse": config.ot_coarse}  # the step's grids (training's default is "fast")
 
-  def ot_loss(z, init=None):
-    out = solve_divergence(z, prior, init=init, **kw)
+  def ot_loss(z, init=None):  # the step's own call: its backend, grids and settings
+    out = solve_step_ot(config, z, prior, init)
     return out.value, out
 
   ot = jax.value_and_grad(ot_loss, has_aux=True)
