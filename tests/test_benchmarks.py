@@ -20,12 +20,14 @@ from benchmarks import (
   large_cloud,
   multiscale_accuracy,
   ot_accuracy,
+  profile_multiscale,
   sinkhorn,
   softmin,
   train_step,
   warm_start,
 )
 from gsae_jax import priors
+from gsae_jax.ot import solve_divergence
 
 # ----------------------------------------------------------------------------- harness
 
@@ -192,10 +194,11 @@ def test_committed_tables_re_render_from_their_json():
   # large_cloud.md was written by an older script; sinkhorn_ab_issue14 by the since-removed
   # ab_compare. warm_start's command line is not in its JSON: it is read off the table's end.
   results = Path(__file__).parents[1] / "benchmarks" / "results"
-  scripts = [multiscale_accuracy, ot_accuracy, sinkhorn, softmin, train_step, warm_start]
+  scripts = [multiscale_accuracy, ot_accuracy, profile_multiscale, sinkhorn, softmin, train_step]
+  scripts.append(warm_start)
   skip = ("large_cloud", "sinkhorn_ab_issue14")
   paths = [p for p in sorted(results.glob("*.json")) if p.stem not in skip]
-  assert len(paths) == 13
+  assert len(paths) == 15
   for path in paths:
     script = next(m for m in scripts if path.stem.startswith(m.__name__.split(".")[1]))
     md = path.with_suffix(".md").read_text()
@@ -244,6 +247,50 @@ def test_train_step_benchmark_tiny(tmp_path):
   assert (
     warm["ot_coarse"] == "accurate" and "ot_coarse=accurate" in (tmp_path / "warm.md").read_text()
   )
+
+
+def test_profile_scopes_from_hlo_text_and_exclusive_nested_times():
+  hlo = textwrap.dedent("""
+    %fusion.1 = f32[8] fusion(%p), metadata={op_name="jit(f)/coarse/grid64/select_tiles/add"}
+    ROOT %while.2 = (s32[]) while(%t), metadata={op_name="jit(f)/jvp(fine)/while"}
+    %cond.3 = f32[] conditional(%q), metadata={op_name="jit(f)/transpose(jvp(x))/mul"}
+  """)
+  # jvp(fine) is not the scope `fine` itself: only whole path components count.
+  scopes = profile_multiscale.op_scopes(hlo)
+  assert scopes == {"fusion.1": "coarse/grid64/select_tiles", "while.2": "other", "cond.3": "other"}
+
+  def ev(op, ts, dur, tid=1):
+    return {"ph": "X", "pid": 0, "tid": tid, "ts": ts, "dur": dur, "args": {"hlo_op": op}}
+
+  scopes = {"loop": "fine", "inner": "other", "sel": "fine/select_tiles", "top": "other"}
+  events = [
+    ev("loop", 0, 100),  # 100 µs, of which 30 + 20 in nested thunks
+    ev("inner", 10, 30),  # no scope: inherits `fine`
+    ev("sel", 50, 20),
+    ev("top", 200, 40),
+    ev("inner", 0, 7, tid=2),  # another thread, nothing around it: `other`
+    {"ph": "X", "pid": 0, "tid": 1, "ts": 0, "dur": 999, "args": {}},  # not a thunk
+  ]
+  times = profile_multiscale.scope_times(events, scopes)
+  assert times == pytest.approx({"fine": 80e-6, "fine/select_tiles": 20e-6, "other": 47e-6})
+  with pytest.raises(RuntimeError, match="no XLA thunk events"):
+    profile_multiscale.scope_times(events[-1:], scopes)
+
+
+@pytest.mark.slow
+def test_profile_multiscale_tiny(tmp_path):
+  argv = ["--n", "1500", "--target", "flower", "--coarse", "fast", "--out", str(tmp_path)]
+  payload = profile_multiscale.main(argv)
+  x, y = harness.clouds(1500, 2, "flower", "flower", 0)
+  kw = dict(blur=0.05, scaling=0.7, backend="multiscale", coarse="fast")
+  assert payload["value"] == pytest.approx(float(solve_divergence(x, y, **kw).value), rel=1e-6)
+  times = {r["scope"]: r["seconds"] for r in payload["rows"]}
+  # Every named scope of the backend is found in the compiled module and the trace.
+  for s in ("coarse/grid64", "coarse/grid128", "coarse/grid256", "jump", "fine", "extrapolate"):
+    assert times[s] > 0 and times[f"{s}/select_tiles"] > 0, s
+  assert sum(r["share"] for r in payload["rows"]) == pytest.approx(1.0, abs=1e-9)
+  md = (tmp_path / "profile_multiscale.md").read_text()
+  assert md.startswith("# Multiscale solve by named scope: flower vs flower, n = 1500")
 
 
 @pytest.mark.slow
