@@ -135,13 +135,16 @@ def _cell_blocks(grid: clusters.Grid, centroids, log_mass, max_cells: int):
   return blocks, slot
 
 
-def _prefix_sizes(n_blocks: int) -> tuple[int, ...]:
+def _prefix_sizes(n_blocks: int, grid_blocks: int) -> tuple[int, ...]:
   """Static block counts for a cell cloud's occupied prefix, small to large: a third of its
-  ``n_blocks`` and all of them, or all only below 64 blocks (there the tile selection's
-  ``O(nbc²)`` passes are cheap, and each size compiles its own coarse softmins). A cloud of n
-  points occupies far fewer than n cells of the finest grid unless it is spread thin (a
-  flower sample of 60 000 points 13 % of the 256² grid's first n cells, N(0.5, 1.5² I) 23 %)."""
-  return (-(-n_blocks // 3), n_blocks) if n_blocks >= 64 else (n_blocks,)
+  ``n_blocks`` and all of them, where the cloud was cut to n points (``n_blocks`` below the
+  grid's ``grid_blocks``) and has at least 64 blocks; else all only. A cloud of n points then
+  occupies far fewer cells than n (a flower sample of 60 000 points 13 % of the 256² grid's
+  first n cells, N(0.5, 1.5² I) 23 %). Each size compiles its own coarse softmins, and at
+  n ≥ K^d, where the clouds fill more of the grid, the small size measured no faster."""
+  if 64 <= n_blocks < grid_blocks:
+    return (-(-n_blocks // 3), n_blocks)
+  return (n_blocks,)
 
 
 def _prefix(stacked: multiscale.Blocks, m: int) -> multiscale.Blocks:
@@ -270,7 +273,8 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings, init=None) -> 
       of :func:`_prefix_sizes` that holds them all (``lax.switch``), which spares the tile
       selection its ``O(nbc²)`` passes over empty blocks; the empty rows get zeros."""
       _, cells, _, c_rows, c_cols, _ = level
-      sizes = _prefix_sizes(cells[0].valid.shape[0])
+      grid = level[0]
+      sizes = _prefix_sizes(cells[0].valid.shape[0], -(-(grid.per_axis**d) // _CELL_BLOCK))
       occupied = jnp.max(jnp.stack([jnp.sum(jnp.any(c.valid, axis=1)) for c in cells]))
 
       def update(m):
