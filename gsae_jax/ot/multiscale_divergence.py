@@ -248,7 +248,8 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings, init=None) -> 
     # potentials), through the same block-sparse softmin: occupied cells first in Hilbert
     # order, empty cells invalid (never computed, never a column), so only occupied cells cost
     # anything. Each level runs on the coarsest grid whose cell is at most √ε / its J (_GRIDS).
-    levels = []  # per grid: (grid, cells and slots of x and y, rows and columns per side, n_end)
+    # Per grid: (grid, cells and slots of x and y, rows and columns per side, prefix, n_end).
+    levels = []
     for per_axis, jump_cells in _GRIDS[s.coarse][d]:
       grid = clusters.make_grid(xs, ys, per_axis)
       max_cells = min(per_axis**d, -(-max(x.shape[0], y.shape[0]) // _CELL_BLOCK) * _CELL_BLOCK)
@@ -265,17 +266,19 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings, init=None) -> 
       # σ_k = D·scaling^(k−1) ≥ that; the last update (ε = blur²) is always on the points.
       ratio = (jnp.log(jump_cells * grid.cell) - jnp.log(diam)) / jnp.log(scaling)
       n_mid_here = jnp.clip(jnp.floor(ratio) + 1, 0, n_mid).astype(jnp.int32)
-      levels.append((grid, cells, slots, c_rows, c_cols, jnp.minimum(1 + n_mid_here, n_sched - 1)))
+      # Which prefix of the cell blocks the coarse softmins run on (coarse_update), once per grid.
+      sizes = _prefix_sizes(cells[0].valid.shape[0], -(-(per_axis**d) // _CELL_BLOCK))
+      occupied = jnp.max(jnp.stack([jnp.sum(jnp.any(c.valid, axis=1)) for c in cells]))
+      prefix = (sizes, jnp.sum(occupied > jnp.asarray(sizes[:-1], jnp.int32)))
+      n_end = jnp.minimum(1 + n_mid_here, n_sched - 1)
+      levels.append((grid, cells, slots, c_rows, c_cols, prefix, n_end))
 
     def coarse_update(level, pots, eps):  # [4, nbc, Bc] -> [n_sides, nbc, Bc]
       """One softmin per side on ``level``'s cells. The occupied cells come first, so the
       blocks past them are empty: the softmins run on the first ``m`` blocks, the smallest
       of :func:`_prefix_sizes` that holds them all (``lax.switch``), which spares the tile
       selection its ``O(nbc²)`` passes over empty blocks; the empty rows get zeros."""
-      _, cells, _, c_rows, c_cols, _ = level
-      grid = level[0]
-      sizes = _prefix_sizes(cells[0].valid.shape[0], -(-(grid.per_axis**d) // _CELL_BLOCK))
-      occupied = jnp.max(jnp.stack([jnp.sum(jnp.any(c.valid, axis=1)) for c in cells]))
+      _, cells, _, c_rows, c_cols, (sizes, index), _ = level
 
       def update(m):
         rows, cols = _prefix(c_rows, m), _prefix(c_cols, m)
@@ -286,7 +289,6 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings, init=None) -> 
         new = jax.lax.scan(step, None, jnp.arange(n_sides))[1]
         return jnp.zeros((n_sides,) + cells[0].valid.shape, dtype).at[:, :m].set(new)
 
-      index = jnp.sum(occupied > jnp.asarray(sizes[:-1], jnp.int32))
       return jax.lax.switch(index, [lambda m=m: update(m) for m in sizes])
 
     def anneal(level, k, pots):
@@ -304,7 +306,7 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings, init=None) -> 
       so a bare softmin of the coarse potentials would jump to another trajectory. Instead
       each row takes its cell's coarse value plus the within-cell variation of the fresh
       softmin: f(x_i) = F(c_i) + S(G)(x_i) − S(G)(c_i)."""
-      grid, cells, slots, _, c_cols, _ = level
+      grid, cells, slots, _, c_cols, _, _ = level
       fresh_c = coarse_update(level, pots, eps)
       # Per side, in the block layout's flat order: the coarse potential and the fresh softmin.
       own_cells, fresh_cells = (v[:n_sides].reshape(n_sides, -1) for v in (pots, fresh_c))
@@ -329,7 +331,7 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings, init=None) -> 
 
     k = jnp.int32(0)
     for g, level in enumerate(levels):
-      grid, cells, _, c_rows, _, _ = level
+      grid, cells, _, c_rows, _, _, _ = level
       with jax.named_scope("coarse"), jax.named_scope(f"grid{grid.per_axis}"):
         if g == 0:
           zeros_c = jnp.zeros((4,) + cells[0].valid.shape, dtype)
