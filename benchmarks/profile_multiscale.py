@@ -75,8 +75,9 @@ def measure(n: int, target: str, coarse: str, seed: int) -> dict:
 
   x, y = harness.clouds(n, 2, "flower", target, seed)
   kw = dict(blur=0.05, scaling=0.7, backend="multiscale", coarse=coarse)
-  fn = jax.jit(jax.value_and_grad(lambda x: solve_divergence(x, y, **kw).value))
+  vg = jax.value_and_grad(lambda x: solve_divergence(x, y, **kw).value)
   harness.log(f"compiling and running n = {n}, {target}, {coarse}")
+  fn = jax.jit(vg).lower(x).compile()  # one compilation: the traced program and its HLO text
   jax.block_until_ready(fn(x))
   start = time.perf_counter()
   value, _ = jax.block_until_ready(fn(x))
@@ -88,7 +89,7 @@ def measure(n: int, target: str, coarse: str, seed: int) -> dict:
     (path,) = glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True)
     with gzip.open(path) as f:
       events = json.load(f)["traceEvents"]
-  times = scope_times(events, op_scopes(fn.lower(x).compile().as_text()))
+  times = scope_times(events, op_scopes(fn.as_text()))
   total = sum(times.values())
   rows = [
     {"scope": s, "seconds": t, "share": t / total}

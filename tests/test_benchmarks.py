@@ -194,8 +194,15 @@ def test_committed_tables_re_render_from_their_json():
   # large_cloud.md was written by an older script; sinkhorn_ab_issue14 by the since-removed
   # ab_compare. warm_start's command line is not in its JSON: it is read off the table's end.
   results = Path(__file__).parents[1] / "benchmarks" / "results"
-  scripts = [multiscale_accuracy, ot_accuracy, profile_multiscale, sinkhorn, softmin, train_step]
-  scripts.append(warm_start)
+  scripts = [
+    multiscale_accuracy,
+    ot_accuracy,
+    profile_multiscale,
+    sinkhorn,
+    softmin,
+    train_step,
+    warm_start,
+  ]
   skip = ("large_cloud", "sinkhorn_ab_issue14")
   paths = [p for p in sorted(results.glob("*.json")) if p.stem not in skip]
   assert len(paths) == 15
