@@ -2,6 +2,7 @@
 
 import functools
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -453,3 +454,104 @@ def test_padding_rows_read_their_estimate_and_need_no_tile(x64):
 
   grad = jax.grad(total)(bx.points)
   assert np.all(np.asarray(grad)[~np.asarray(valid)] == 0.0)
+
+
+def _taylor_case(d, seed, spread=0.05):
+  """Compact clusters (radius ≈ 2·spread) over a box, so that blocks are small against √ε and
+  many tiles qualify for the Taylor expansion, and a few far points, whose blocks do not;
+  clouds of 305 / 265 points (blocks of 20)."""
+  rng = np.random.default_rng(seed)
+  centres = rng.uniform(-2.0, 2.0, size=(15, d))
+  far = lambda: rng.uniform(-30.0, 30.0, size=(5, d))
+  x = (centres[:, None, :] + spread * rng.normal(size=(15, 20, d))).reshape(-1, d)
+  y = (centres[:13, None, :] + 0.3 + spread * rng.normal(size=(13, 20, d))).reshape(-1, d)
+  x, y = np.concatenate([x, far()]), np.concatenate([y, far()])
+  g = 0.2 * rng.normal(size=y.shape[0])
+  log_b = np.log(rng.dirichlet(np.ones(y.shape[0])))
+  return x, y, g, log_b
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+@pytest.mark.parametrize("eps", [0.3, 3.0])
+def test_taylor_tiles_match_the_exact_kernel(x64, d, eps):
+  # Tiles with R_I·R_J ≤ τ·ε are summed by the degree-4 Taylor expansion of exp(⟨u, v⟩/ε):
+  # each pair within τ⁵e^{2τ}/5! = 1.02e-7 relative, so f̃ within 1.02e-7·ε of the exact
+  # kernel (measured ≈ 1e-9·ε: the bound is for u ∥ v at the largest radii). The case has
+  # both kinds of tiles, so the sum over the exact ones is covered too.
+  x, y, g, log_b = _taylor_case(d, seed=d)
+  bx, by = ms.make_blocks(jnp.asarray(x), None, 20), ms.make_blocks(jnp.asarray(y), log_b, 20)
+  nbx, nby = bx.valid.shape[0], by.valid.shape[0]
+  tiles = ms.tile_list(jnp.ones((nbx, nby), bool), nbx * nby)
+  gb = ms.to_blocks(by, jnp.asarray(g))
+  ref = _dense_np(np.asarray(bx.points).reshape(-1, d), y, g, log_b, eps).reshape(nbx, -1)
+  est = jnp.asarray(ref) + 0.5 * eps  # an estimate off by half an ε
+  out = ms.block_sparse_softmin(bx, by, gb, eps, tiles, f_estimate=est, taylor=True)
+  valid = np.asarray(bx.valid)
+  np.testing.assert_allclose(np.asarray(out)[valid], ref[valid], rtol=0, atol=1.02e-7 * eps)
+  # Both kinds of tiles were summed.
+  centers = 0.5 * (bx.lo + bx.hi)
+  x_c = bx.points - centers[:, None, :]
+  h = jnp.where(by.valid, by.log_weights + gb / eps, -jnp.inf)
+  o_hat = -est / eps + 0.5 * jnp.sum(x_c * x_c, -1) / eps
+  zero = jnp.zeros(bx.valid.shape)
+  _, n_taylor = ms._taylor_sums(
+    x_c,
+    by.points,
+    h,
+    1.0 / eps,
+    centers,
+    tiles.rows,
+    tiles.cols,
+    tiles.count,
+    o_hat,
+    bx.valid,
+    zero,
+  )
+  assert 0 < int(n_taylor) < nbx * nby
+
+
+def test_taylor_tile_error_at_the_radius_limit(x64):
+  # One row and one column block in d = 1, every offset at the radius (R_I·R_J = τ·ε): with
+  # the columns at +r weighing e^30 more, a row at ±r sums terms at t = ⟨u, v⟩/ε = ±τ only
+  # (up to e^-30), so its relative error is the degree-4 series' remainder at ±τ, ≈ ±τ⁵/5! =
+  # ±8.3e-8: within the bound 1.02e-7, and large enough to show that the expansion of this
+  # degree was used.
+  eps, tau = 2.0, 0.1
+  r = np.sqrt(tau * eps) * (1.0 - 1e-9)
+  x = np.tile([[-r], [r]], (8, 1))  # row block: centre 0, radius r
+  y = 10.0 + np.tile([[-r], [r]], (8, 1))  # column block: centre 10, radius r
+  g = np.where(y[:, 0] > 10.0, 30.0 * eps, 0.0)
+  log_b = np.full(16, -np.log(16))
+  bx, by = ms.make_blocks(jnp.asarray(x), None, 16), ms.make_blocks(jnp.asarray(y), log_b, 16)
+  tiles = ms.tile_list(jnp.ones((1, 1), bool), 1)
+  gb = ms.to_blocks(by, jnp.asarray(g))
+  xs = np.asarray(bx.points).reshape(-1, 1)
+  ref = _dense_np(xs, np.asarray(by.points).reshape(-1, 1), np.asarray(gb).ravel(), log_b, eps)
+  est = jnp.asarray(ref)[None]
+  out = np.asarray(ms.block_sparse_softmin(bx, by, gb, eps, tiles, f_estimate=est, taylor=True))
+  # f̃ = −ε log(S·(1 − δ)), δ the sum's relative shortfall.
+  rel = 1.0 - np.exp(-(out.ravel() - ref) / eps)
+  t = np.sign(xs[:, 0]) * tau
+  remainder = (np.exp(t) - sum(t**p / math.factorial(p) for p in range(5))) / np.exp(t)
+  np.testing.assert_allclose(rel, remainder, rtol=1e-3)
+  assert np.all(np.abs(rel) <= tau**5 * np.exp(2 * tau) / math.factorial(5))
+
+
+def test_taylor_needs_an_estimate_and_keeps_exact_gradients(x64):
+  x, y, g, log_b = _taylor_case(2, seed=7)
+  bx, by = ms.make_blocks(jnp.asarray(x), None, 20), ms.make_blocks(jnp.asarray(y), log_b, 20)
+  nbx, nby = bx.valid.shape[0], by.valid.shape[0]
+  tiles = ms.tile_list(jnp.ones((nbx, nby), bool), nbx * nby)
+  gb = ms.to_blocks(by, jnp.asarray(g))
+  with pytest.raises(ValueError, match="f_estimate"):
+    ms.block_sparse_softmin(bx, by, gb, 3.0, tiles, taylor=True)
+  est = ms.block_sparse_softmin(bx, by, gb, 3.0, tiles)
+
+  def total(p, taylor):
+    out = ms.block_sparse_softmin(
+      bx._replace(points=p), by, gb, 3.0, tiles, f_estimate=est, taylor=taylor
+    )
+    return jnp.sum(jnp.where(bx.valid, out, 0.0))
+
+  grads = [jax.grad(total)(bx.points, t) for t in (False, True)]
+  np.testing.assert_allclose(np.asarray(grads[1]), np.asarray(grads[0]), rtol=1e-6, atol=1e-9)

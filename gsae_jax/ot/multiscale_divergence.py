@@ -172,7 +172,9 @@ _COL_CLOUD = (1, 0, 0, 1)
 _COL_POT = (1, 0, 2, 3)
 
 
-def _fine_softmin(rows, cols, f_rows, g_cols, eps, truncate, capacity, chunk, stats: _Stats):
+def _fine_softmin(
+  rows, cols, f_rows, g_cols, eps, truncate, capacity, chunk, stats: _Stats, taylor=False
+):
   """Block-sparse softmin of ``g_cols`` onto the rows, tiles chosen from ``(f_rows, g_cols)``;
   the dense kernel when the tile list overflows. Returns ``(f̃ [nb, B], stats)``."""
   with jax.named_scope("select_tiles"):
@@ -183,7 +185,7 @@ def _fine_softmin(rows, cols, f_rows, g_cols, eps, truncate, capacity, chunk, st
   def sparse(_):
     # Columns are always stopped here (envelope gradients flow through the rows only).
     return multiscale.block_sparse_softmin(
-      rows, cols, g, eps, tiles, f_estimate=sg(f_rows), column_grad=False
+      rows, cols, g, eps, tiles, f_estimate=sg(f_rows), column_grad=False, taylor=taylor
     )
 
   def dense(_):
@@ -230,13 +232,16 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings, init=None) -> 
   row_lw = rows_all.log_weights
   capacity = _capacity_from_fraction(nb, nb, s.tile_fraction)
 
-  def side_softmin(side, row_clouds, col_clouds, pots, eps, cap, stats, rows=None, est=None):
+  def side_softmin(
+    side, row_clouds, col_clouds, pots, eps, cap, stats, rows=None, est=None, taylor=False
+  ):
     # Side `side`'s softmin: its potential's update from its column potential, with the rows'
     # current potential (or `est`) as the tile test's and the one-pass kernel's estimate.
     rows = _side(row_clouds, side) if rows is None else rows
     f_rows = pots[side] if est is None else est
+    col_side, g_cols = _side(col_clouds, side), pots[col_pot[side]]
     return _fine_softmin(
-      rows, _side(col_clouds, side), f_rows, pots[col_pot[side]], eps, truncate, cap, chunk, stats
+      rows, col_side, f_rows, g_cols, eps, truncate, cap, chunk, stats, taylor=taylor
     )
 
   def fresh(side, pots, eps, stats, rows=None):
@@ -284,7 +289,8 @@ def multiscale_backend(problem: OTProblem, s: DivergenceSettings, init=None) -> 
         rows, cols = _prefix(c_rows, m), _prefix(c_cols, m)
 
         def step(_, side):
-          return None, side_softmin(side, rows, cols, pots[:, :m], eps, m * m, zero_stats)[0]
+          out = side_softmin(side, rows, cols, pots[:, :m], eps, m * m, zero_stats, taylor=True)
+          return None, out[0]
 
         new = jax.lax.scan(step, None, jnp.arange(n_sides))[1]
         return jnp.zeros((n_sides,) + cells[0].valid.shape, dtype).at[:, :m].set(new)
