@@ -10,7 +10,8 @@ with two scales, as GeomLoss's ``multiscale`` backend:
    centroids, each level on the coarsest grid fine enough for it (``_GRIDS``), through the
    same block-sparse softmin as the points: the occupied cells first
    along the grid's Hilbert curve, the empty ones marked invalid, so only occupied cells and
-   their relevant tiles cost anything.
+   their relevant tiles cost anything; tiles whose blocks are small against ``√ε`` are summed
+   by their Taylor expansion (``block_sparse_softmin(..., taylor=True)``).
 2. **Jumps.** Each potential moves to the next grid's cells, and from the finest grid to the
    points, as its cell's coarse value plus the within-cell variation of one fresh
    (block-sparse) softmin of the new rows against the centroids, which keeps the lag of the
