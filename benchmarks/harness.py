@@ -77,10 +77,13 @@ def _block(tree: Any) -> Any:
   return jax.block_until_ready(tree) if jax else tree
 
 
-def time_fn(fn: Callable, *args: Any, repeats: int = 0, budget_s=math.inf, jit=True) -> Timing:
+def time_fn(
+  fn: Callable, *args: Any, repeats: int = 0, budget_s=math.inf, jit=True, release=False
+) -> Timing:
   """Times ``fn(*args)`` and ``repeats`` warm runs (none once the next would pass ``budget_s``),
   waiting for every result; the result is the first's. ``jit``: compile ``jax.jit(fn)`` for
   ``args`` first (``compile_s``), else call ``fn`` as it is (the first run includes any warm-up).
+  ``release``: :func:`gsae_jax.memory.release_host_memory` after compiling (``jit`` only).
   """
   compile_s = compiled_hwm = None
   if jit:
@@ -89,6 +92,10 @@ def time_fn(fn: Callable, *args: Any, repeats: int = 0, budget_s=math.inf, jit=T
     t0 = time.perf_counter()
     fn = jax.jit(fn).lower(*args).compile()
     compile_s, compiled_hwm = time.perf_counter() - t0, vm_hwm_mb()
+    if release:
+      from gsae_jax.memory import release_host_memory
+
+      release_host_memory()
 
   def once() -> tuple[Any, float]:
     t0 = time.perf_counter()

@@ -26,7 +26,7 @@ from benchmarks import (
   train_step,
   warm_start,
 )
-from gsae_jax import priors
+from gsae_jax import memory, priors
 from gsae_jax.ot import solve_divergence
 
 # ----------------------------------------------------------------------------- harness
@@ -57,6 +57,15 @@ def test_time_fn_compiles_then_times_warm_runs():
   # No warm runs: the first run is the time to report.
   t = harness.time_fn(lambda: 1, repeats=0, jit=False)
   assert t.compile_s is None and t.warm_s is None and t.seconds == t.first_run_s
+
+
+def test_time_fn_releases_host_memory_once_after_compiling(monkeypatch):
+  calls = []
+  monkeypatch.setattr(memory, "release_host_memory", lambda: calls.append(1) or True)
+  t = harness.time_fn(lambda a: jnp.sum(a), jnp.arange(4.0), repeats=2, release=True)
+  assert float(t.result) == 6.0 and calls == [1]
+  harness.time_fn(lambda a: jnp.sum(a), jnp.arange(4.0), repeats=2)
+  assert calls == [1]
 
 
 def test_time_fn_budget_stops_the_warm_runs():
@@ -205,7 +214,7 @@ def test_committed_tables_re_render_from_their_json():
   ]
   skip = ("large_cloud", "sinkhorn_ab_issue14")
   paths = [p for p in sorted(results.glob("*.json")) if p.stem not in skip]
-  assert len(paths) == 15
+  assert len(paths) == 17
   for path in paths:
     script = next(m for m in scripts if path.stem.startswith(m.__name__.split(".")[1]))
     md = path.with_suffix(".md").read_text()
