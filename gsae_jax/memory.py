@@ -2,8 +2,8 @@
 
 XLA:CPU frees most of what it allocates while compiling, but glibc keeps those pages in the
 process's heap. The run's large buffers are ``mmap``-ed and do not reuse them, so the process's
-peak RSS is the compile's residue plus the run's buffers. For the multiscale divergence at
-n = 1 000 000 (value + gradient, float32) that residue is ≈ 0.9 GB of a ≈ 3.8 GB peak;
+peak RSS is the compile's residue plus the run's buffers (for the multiscale divergence at
+n = 1 000 000, about a quarter of the peak: BUILD_NOTES, "Open / known limits").
 :func:`release_host_memory` between ``compile()`` and the first call takes it off the peak::
 
   compiled = jax.jit(jax.value_and_grad(div)).lower(x, y).compile()
@@ -25,18 +25,6 @@ def _malloc_trim():
     return ctypes.CDLL(name).malloc_trim if name else None
   except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to call
     return None
-
-
-def rss_mb() -> float | None:
-  """This process's resident set size in MB (``VmRSS``); ``None`` without ``/proc``."""
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("VmRSS:"):
-          return int(line.split()[1]) / 1024
-  except OSError:
-    pass
-  return None
 
 
 def release_host_memory() -> bool:
